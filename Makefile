@@ -1,0 +1,76 @@
+# calcnode — the two commands a newcomer needs: `make demo` and `make test`.
+#
+# Both create .venv when missing and install what they need: torch (the local CPU
+# build torch==2.13.0 when no torch is importable; a CUDA torch already in the venv
+# is kept), the project with its dev extras, and — when running as root — the Debian
+# packages the tests use (dcmtk, dicom3tools, orthanc, libpixelmed-java).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc libpixelmed-java
+STAMP := $(VENV)/.calcnode-installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps test demo lint typecheck bench clean
+
+help:
+	@echo "make demo   - set up, then run the node end to end on phantom studies"
+	@echo "make test   - set up, then run the test suite"
+	@echo "make lint   - ruff check + format check;  make typecheck - mypy"
+	@echo "make bench  - run the benchmarks in bench/ (slow)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already importable: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing $(TORCH_PIN)"; $(PIP) install --quiet "$(TORCH_PIN)"; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian packages the tests and the demo use; installed only when running as root
+# and only those missing. Without root, the tests that need them are skipped with
+# a reason.
+system-deps:
+	@missing=""; \
+	command -v dcmdump >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -f /usr/share/java/pixelmed.jar || missing="$$missing libpixelmed-java"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = "0" ]; then \
+			echo "installing Debian packages:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "not root: missing Debian packages$$missing (their tests will be skipped)"; \
+		fi; \
+	fi
+
+test: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup system-deps
+	$(VENV)/bin/calcnode demo --out demo-out
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+bench: setup system-deps
+	$(PY) bench/phantom_realism.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
