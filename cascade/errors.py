@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "CalcnodeError",
     "CheckpointError",
+    "ConfigError",
     "DatasetError",
     "InvalidImageError",
     "TrainingError",
@@ -24,6 +25,10 @@ class CalcnodeError(Exception):
 
 class InvalidImageError(CalcnodeError):
     """A dataset or file is not a readable mammogram; the message says what is wrong."""
+
+
+class ConfigError(CalcnodeError):
+    """The configuration is invalid; the message names the key and where it came from."""
 
 
 class DatasetError(CalcnodeError):
