@@ -7,12 +7,24 @@ grid: ``x`` = column, ``y`` = row, 0-based, the centre of the first pixel at
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
+import pydicom
+import torch
 
-__all__ = ["Detection", "ImageDetections"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["BUNDLED_WEIGHTS", "Detection", "Detector", "ImageDetections"]
+
+#: Folder of the weights shipped in the package (trained on synthetic phantoms only).
+BUNDLED_WEIGHTS = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -113,3 +125,163 @@ class ImageDetections:
             "pixel_spacing_mm": [float(s) for s in self.pixel_spacing_mm],
             "detections": [d.to_json() for d in self.detections],
         }
+
+
+class Detector:
+    """The ASN → FPR cascade, loaded once, applied to any number of images.
+
+    Parameters
+    ----------
+    asn_checkpoint : path
+        ASN (or cross-entropy U-Net) checkpoint.
+    fpr_checkpoint : path or None
+        FPR checkpoint; None gives ASN proposals alone (``fpr_score`` = 1).
+    device : str
+        "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    proposal : ProposalConfig or None
+        Overrides the proposal settings stored in the ASN checkpoint.
+    fpr_batch_size : int
+        Crops per FPR forward pass.
+    min_score : float
+        Detections with a final score below this are dropped.
+    """
+
+    def __init__(
+        self,
+        asn_checkpoint: str | os.PathLike[str],
+        fpr_checkpoint: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "auto",
+        proposal: Any = None,
+        fpr_batch_size: int = 256,
+        min_score: float = 0.0,
+    ) -> None:
+        from cascade.checkpoint import load_checkpoint
+        from cascade.proposals import ProposalConfig
+        from cascade.train import resolve_device
+
+        self.device = resolve_device(device)
+        asn = load_checkpoint(asn_checkpoint, map_location=self.device)
+        if asn.meta.get("kind") not in ("asn", "unet_ce"):
+            from cascade.errors import CheckpointError
+
+            raise CheckpointError(f"{asn_checkpoint}: not an ASN checkpoint ({asn.meta.get('kind')})")
+        self.asn = asn.model.to(self.device).eval()
+        self.asn_meta = asn.meta
+        pre = asn.meta.get("preprocessing", {})
+        self.map_kind = pre.get("map_kind", "residual")
+        self.residual = pre.get("residual", "l1")
+        self.spacing_mm = float(pre.get("pixel_spacing_mm", 0.07))
+        stored = dict(asn.meta.get("training", {}).get("proposal", {}) or {})
+        self.proposal = proposal or ProposalConfig(**stored)
+        self.fpr = None
+        self.fpr_meta: dict[str, Any] = {}
+        self.fpr_input_size = 56
+        if fpr_checkpoint is not None:
+            fpr = load_checkpoint(fpr_checkpoint, map_location=self.device, kind="fpr")
+            self.fpr = fpr.model.to(self.device).eval()
+            self.fpr_meta = fpr.meta
+            self.fpr_input_size = int(fpr.meta.get("model_config", {}).get("input_size", 56))
+        self.fpr_batch_size = fpr_batch_size
+        self.min_score = min_score
+
+    @classmethod
+    def bundled(cls, *, device: str = "auto", **kwargs: Any) -> Detector:
+        """The detector shipped with calcnode (trained on phantoms: not for clinical use)."""
+        asn, fpr = BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt"
+        if not asn.is_file():
+            from cascade.errors import CheckpointError
+
+            raise CheckpointError(f"no bundled ASN weights at {asn}")
+        return cls(asn, fpr if fpr.is_file() else None, device=device, **kwargs)
+
+    @property
+    def model_version(self) -> str:
+        """A short identifier of the loaded weights (sha256 prefixes of both checkpoints)."""
+        parts = [str(self.asn_meta.get("sha256", ""))[:12]]
+        if self.fpr_meta:
+            parts.append(str(self.fpr_meta.get("sha256", ""))[:12])
+        return "-".join(p for p in parts if p) or "unknown"
+
+    @torch.no_grad()
+    def detect(
+        self, source: str | os.PathLike[str] | pydicom.Dataset | BinaryIO, *, path: str = ""
+    ) -> ImageDetections:
+        """Detect µCs in one mammogram; coordinates in the received grid."""
+        from cascade.fpr import extract_crops, score_crops
+        from cascade.io import read_mammogram
+        from cascade.preprocess import preprocess_mammogram
+        from cascade.proposals import candidates_xy, propose_image
+
+        mammo = read_mammogram(source)
+        meta = mammo.metadata
+        pre = preprocess_mammogram(mammo, target_spacing_mm=self.spacing_mm)
+        _, cands = propose_image(
+            self.asn, pre, kind=self.map_kind, residual=self.residual, config=self.proposal,
+            device=self.device,
+        )
+        if self.fpr is not None and cands:
+            crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
+            probs = score_crops(self.fpr, crops, input_size=self.fpr_input_size,
+                                batch_size=self.fpr_batch_size, device=self.device)
+        else:
+            probs = np.ones(len(cands))
+        dets = []
+        for cand, p in zip(cands, probs, strict=True):
+            score = cand.asn_score * float(p)
+            if score < self.min_score:
+                continue
+            mask, origin = _mask_to_source(cand, pre.transform)
+            dets.append(
+                Detection(
+                    x=cand.x, y=cand.y, score=score, asn_score=cand.asn_score,
+                    fpr_score=float(np.clip(p, 0.0, 1.0)), radius_px=cand.radius_px,
+                    mask=mask, mask_origin=origin,
+                )
+            )
+        dets.sort(key=lambda d: -d.score)
+        if path == "" and isinstance(source, (str, os.PathLike)):
+            path = str(source)
+        return ImageDetections(
+            sop_instance_uid=meta.sop_instance_uid,
+            path=path,
+            rows=meta.rows,
+            columns=meta.columns,
+            pixel_spacing_mm=meta.pixel_spacing_mm,
+            detections=tuple(dets),
+        )
+
+    def detect_many(self, sources: Sequence[str | os.PathLike[str]]) -> list[ImageDetections]:
+        """:meth:`detect` on several files."""
+        return [self.detect(s) for s in sources]
+
+
+def _mask_to_source(cand: Any, transform: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    """A candidate's working-grid footprint as a boolean mask in the received grid.
+
+    Nearest-neighbour: each received pixel inside the footprint's bounding box
+    takes the value of the working-grid pixel its centre falls in.
+    """
+    r0, c0, r1, c1 = cand.bbox
+    corners = transform.to_source(np.array([[c0 - 0.5, r0 - 0.5], [c1 - 0.5, r1 - 0.5]], float))
+    rows_src, cols_src = transform.source_shape
+    sr0 = int(np.clip(np.floor(corners[0, 1]), 0, rows_src - 1))
+    sc0 = int(np.clip(np.floor(corners[0, 0]), 0, cols_src - 1))
+    sr1 = int(np.clip(np.ceil(corners[1, 1]) + 1, sr0 + 1, rows_src))
+    sc1 = int(np.clip(np.ceil(corners[1, 0]) + 1, sc0 + 1, cols_src))
+    ys = np.arange(sr0, sr1, dtype=float)
+    xs = np.arange(sc0, sc1, dtype=float)
+    wy = transform.to_work(np.stack([np.zeros_like(ys), ys], axis=1))[:, 1]
+    wx = transform.to_work(np.stack([xs, np.zeros_like(xs)], axis=1))[:, 0]
+    iy = np.rint(wy).astype(np.int64) - r0
+    ix = np.rint(wx).astype(np.int64) - c0
+    ok_y = (iy >= 0) & (iy < cand.mask.shape[0])
+    ok_x = (ix >= 0) & (ix < cand.mask.shape[1])
+    src = np.zeros((len(ys), len(xs)), dtype=bool)
+    src[np.ix_(ok_y, ok_x)] = cand.mask[np.ix_(iy[ok_y], ix[ok_x])]
+    if not src.any():
+        # Footprint smaller than one received pixel: mark the pixel under the centre.
+        rr = int(np.clip(round(cand.y), 0, rows_src - 1))
+        cc = int(np.clip(round(cand.x), 0, cols_src - 1))
+        return np.ones((1, 1), dtype=bool), (rr, cc)
+    return src, (sr0, sc0)
