@@ -12,6 +12,7 @@ All arrays are ``(row, col)``; points are ``(x = col, y = row)``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -86,7 +87,7 @@ def _draw_polyline(mask: np.ndarray, pts: np.ndarray, radius: float) -> None:
         rr, cc = disk((pts[0, 1], pts[0, 0]), max(radius, 1.0), shape=(h, w))
         mask[rr, cc] = True
         return
-    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         n = max(2, int(math.hypot(x1 - x0, y1 - y0)) + 1)
         for t in np.linspace(0.0, 1.0, n):
             rr, cc = disk((y0 + t * (y1 - y0), x0 + t * (x1 - x0)), max(radius, 1.0), shape=(h, w))
@@ -135,7 +136,7 @@ def load_training_image(
     positive = np.zeros((h, w), dtype=bool)
     centres = np.zeros((len(record.calcifications), 2), dtype=np.float64)
     for i, calc in enumerate(record.calcifications):
-        (cx, cy), = tr.to_work(np.array([[calc.x, calc.y]]))
+        ((cx, cy),) = tr.to_work(np.array([[calc.x, calc.y]]))
         centres[i] = (cx, cy)
         rr, cc = disk((cy, cx), radius_px, shape=(h, w))
         positive[rr, cc] = True
@@ -145,7 +146,7 @@ def load_training_image(
             outline_mask = np.zeros((h, w), dtype=bool)
             outline_mask[rr, cc] = True
             positive |= ndimage.binary_dilation(
-                outline_mask, iterations=max(1, int(round(radius_px / 2)))
+                outline_mask, iterations=max(1, round(radius_px / 2))
             )
 
     ignore = np.zeros((h, w), dtype=bool)
@@ -156,7 +157,7 @@ def load_training_image(
             ignore[rr, cc] = True
         _draw_polyline(ignore, pts, margin_px)
     if ignore.any():
-        ignore = ndimage.binary_dilation(ignore, iterations=int(round(margin_px)))
+        ignore = ndimage.binary_dilation(ignore, iterations=round(margin_px))
     # A µC inside a vessel's margin stays a positive: the ignore mask only removes negatives.
     ignore &= ~positive
     return TrainingImage(
@@ -313,9 +314,7 @@ class PatchSampler:
         self.positive_fraction = positive_fraction
         self.augmentation = augmentation
         self.rng = np.random.default_rng(seed)
-        self._positives = [
-            (i, c) for i, im in enumerate(self.images) for c in im.centres
-        ]
+        self._positives = [(i, c) for i, im in enumerate(self.images) for c in im.centres]
         if positive_fraction > 0 and not self._positives:
             raise DatasetError("positive patches were asked for, but no image has a µC")
         self._breast_pixels = [np.flatnonzero(im.breast_mask & im.negative) for im in self.images]
@@ -341,8 +340,8 @@ class PatchSampler:
         i, (cx, cy) = self._positives[int(self.rng.integers(len(self._positives)))]
         p = self.patch_size
         margin = min(16, p // 4)
-        top = int(round(cy)) - int(self.rng.integers(margin, p - margin))
-        left = int(round(cx)) - int(self.rng.integers(margin, p - margin))
+        top = round(cy) - int(self.rng.integers(margin, p - margin))
+        left = round(cx) - int(self.rng.integers(margin, p - margin))
         return self._crop(self.images[i], top, left)
 
     def _negative_patch(self) -> tuple[np.ndarray, ...]:
@@ -365,7 +364,7 @@ class PatchSampler:
         """Draw one batch of ``batch_size`` patches."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        n_pos = int(round(batch_size * self.positive_fraction))
+        n_pos = round(batch_size * self.positive_fraction)
         imgs, poss, negs = [], [], []
         for k in range(batch_size):
             img, pos, neg = self._positive_patch() if k < n_pos else self._negative_patch()

@@ -106,8 +106,8 @@ class ImageDetections:
                     out[rr0:rr1, cc0:cc1] |= det.mask[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
             else:
                 rad = max(det.radius_px, 1.0)
-                r0, r1 = int(math.floor(det.y - rad)), int(math.ceil(det.y + rad)) + 1
-                c0, c1 = int(math.floor(det.x - rad)), int(math.ceil(det.x + rad)) + 1
+                r0, r1 = math.floor(det.y - rad), math.ceil(det.y + rad) + 1
+                c0, c1 = math.floor(det.x - rad), math.ceil(det.x + rad) + 1
                 r0, c0 = max(r0, 0), max(c0, 0)
                 r1, c1 = min(r1, self.rows), min(c1, self.columns)
                 if r1 > r0 and c1 > c0:
@@ -165,7 +165,9 @@ class Detector:
         if asn.meta.get("kind") not in ("asn", "unet_ce"):
             from cascade.errors import CheckpointError
 
-            raise CheckpointError(f"{asn_checkpoint}: not an ASN checkpoint ({asn.meta.get('kind')})")
+            raise CheckpointError(
+                f"{asn_checkpoint}: not an ASN checkpoint ({asn.meta.get('kind')})"
+            )
         self.asn = asn.model.to(self.device).eval()
         self.asn_meta = asn.meta
         pre = asn.meta.get("preprocessing", {})
@@ -217,13 +219,22 @@ class Detector:
         meta = mammo.metadata
         pre = preprocess_mammogram(mammo, target_spacing_mm=self.spacing_mm)
         _, cands = propose_image(
-            self.asn, pre, kind=self.map_kind, residual=self.residual, config=self.proposal,
+            self.asn,
+            pre,
+            kind=self.map_kind,
+            residual=self.residual,
+            config=self.proposal,
             device=self.device,
         )
         if self.fpr is not None and cands:
             crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
-            probs = score_crops(self.fpr, crops, input_size=self.fpr_input_size,
-                                batch_size=self.fpr_batch_size, device=self.device)
+            probs = score_crops(
+                self.fpr,
+                crops,
+                input_size=self.fpr_input_size,
+                batch_size=self.fpr_batch_size,
+                device=self.device,
+            )
         else:
             probs = np.ones(len(cands))
         dets = []
@@ -234,9 +245,14 @@ class Detector:
             mask, origin = _mask_to_source(cand, pre.transform)
             dets.append(
                 Detection(
-                    x=cand.x, y=cand.y, score=score, asn_score=cand.asn_score,
-                    fpr_score=float(np.clip(p, 0.0, 1.0)), radius_px=cand.radius_px,
-                    mask=mask, mask_origin=origin,
+                    x=cand.x,
+                    y=cand.y,
+                    score=score,
+                    asn_score=cand.asn_score,
+                    fpr_score=float(np.clip(p, 0.0, 1.0)),
+                    radius_px=cand.radius_px,
+                    mask=mask,
+                    mask_origin=origin,
                 )
             )
         dets.sort(key=lambda d: -d.score)

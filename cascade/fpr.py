@@ -68,7 +68,9 @@ def extract_crops(
     return out
 
 
-def prepare_batch(crops: np.ndarray, *, input_size: int, device: torch.device | str) -> torch.Tensor:
+def prepare_batch(
+    crops: np.ndarray, *, input_size: int, device: torch.device | str
+) -> torch.Tensor:
     """``(N, S, S)`` crops → ``(N, 1, input_size, input_size)`` tensor on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(device)
     if x.shape[-1] != input_size:
@@ -99,8 +101,9 @@ def score_crops(
     probs = []
     try:
         for start in range(0, len(crops), batch_size):
-            x = prepare_batch(crops[start : start + batch_size], input_size=input_size,
-                              device=device)
+            x = prepare_batch(
+                crops[start : start + batch_size], input_size=input_size, device=device
+            )
             probs.append(torch.sigmoid(model(x).reshape(-1)).double().cpu().numpy())
     finally:
         model.train(was_training)

@@ -32,7 +32,16 @@ from cascade.proposals import ProposalConfig, candidates_xy, propose, residual_m
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ASN_PRESETS", "AsnTrainConfig", "resolve_device", "split_records", "train_asn"]
+__all__ = [
+    "ASN_PRESETS",
+    "FPR_PRESETS",
+    "AsnTrainConfig",
+    "FprTrainConfig",
+    "resolve_device",
+    "split_records",
+    "train_asn",
+    "train_fpr",
+]
 
 LossName = Literal["ttest", "ttest_novar", "mse", "ce"]
 
@@ -99,8 +108,12 @@ class AsnTrainConfig:
 #: (well under an hour), ``paper`` for a GPU.
 ASN_PRESETS: dict[str, AsnTrainConfig] = {
     "tiny": AsnTrainConfig(
-        model_config={"width": 4}, epochs=2, iterations_per_epoch=3, batch_size=4,
-        patch_size=64, val_images=2,
+        model_config={"width": 4},
+        epochs=2,
+        iterations_per_epoch=3,
+        batch_size=4,
+        patch_size=64,
+        val_images=2,
     ),
     "cpu": AsnTrainConfig(model_config={"width": 16}, epochs=8, iterations_per_epoch=100),
     "paper": AsnTrainConfig(
@@ -116,7 +129,7 @@ def split_records(
     studies = sorted({r.study_instance_uid or r.sop_instance_uid for r in records})
     rng = np.random.default_rng(seed)
     rng.shuffle(studies)
-    n_val = max(1, int(round(len(studies) * val_fraction))) if len(studies) > 1 else 0
+    n_val = max(1, round(len(studies) * val_fraction)) if len(studies) > 1 else 0
     val_studies = set(studies[:n_val])
     train = [r for r in records if (r.study_instance_uid or r.sop_instance_uid) not in val_studies]
     val = [r for r in records if (r.study_instance_uid or r.sop_instance_uid) in val_studies]
@@ -199,8 +212,12 @@ def train_asn(
     if not train_recs:
         raise TrainingError(f"{manifest}: no training images")
     val_recs = val_recs[: config.val_images]
-    logger.info("ASN training: %d train images, %d validation images, device %s",
-                len(train_recs), len(val_recs), dev)
+    logger.info(
+        "ASN training: %d train images, %d validation images, device %s",
+        len(train_recs),
+        len(val_recs),
+        dev,
+    )
     _seed_everything(config.seed)
     train_images = load_training_images(
         train_recs, progress=progress, positive_radius_mm=config.positive_radius_mm
@@ -293,12 +310,19 @@ def train_asn(
             if progress:
                 iterator.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         train_seconds = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                                   "train_seconds": train_seconds}
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "train_seconds": train_seconds,
+        }
         if val_images:
             val = evaluate_proposals(
-                model, val_images, kind=config.map_kind, residual_kind=config.residual,
-                config=prop_cfg, device=dev,
+                model,
+                val_images,
+                kind=config.map_kind,
+                residual_kind=config.residual,
+                config=prop_cfg,
+                device=dev,
             )
             metrics["val"] = val
         history.append(metrics)
@@ -342,3 +366,370 @@ def preset(name: str, **overrides: Any) -> AsnTrainConfig:
     if name not in ASN_PRESETS:
         raise ValueError(f"unknown ASN preset {name!r}; known: {sorted(ASN_PRESETS)}")
     return replace(ASN_PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- FPR
+
+
+@dataclass(frozen=True)
+class FprTrainConfig:
+    """Everything that defines an FPR training run (stored in its checkpoints).
+
+    The paper: ResNet-50, crops of 56 px around every ASN candidate of the training
+    images (hard negatives) plus every ground-truth µC (positives), no re-sampling,
+    SGD lr 1e-3 with momentum.
+    """
+
+    model: str = "fpr_resnet50"
+    model_config: Mapping[str, Any] = field(default_factory=lambda: {"width": 16, "input_size": 56})
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    match_radius_mm: float = 1.0
+    augment: bool = True
+    seed: int = 0
+    val_images: int = 8
+    proposal: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model_config"] = dict(self.model_config)
+        d["proposal"] = dict(self.proposal)
+        return d
+
+
+FPR_PRESETS: dict[str, FprTrainConfig] = {
+    "tiny": FprTrainConfig(
+        model_config={"width": 4, "input_size": 56}, epochs=1, batch_size=16, val_images=2
+    ),
+    "cpu": FprTrainConfig(model_config={"width": 16, "input_size": 56}, epochs=6),
+    "paper": FprTrainConfig(
+        model_config={"width": 64, "input_size": 224}, epochs=30, val_images=20
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _CandidateImage:
+    """ASN candidates of one image with their crops, labels and ground truth."""
+
+    crops: np.ndarray
+    asn_scores: np.ndarray
+    xy_source: np.ndarray
+    labels: np.ndarray
+    truth_xy: np.ndarray
+    truth_crops: np.ndarray
+    spacing_mm: tuple[float, float]
+    breast_area_cm2: float
+
+
+def _label_candidates(
+    xy: np.ndarray, truth: np.ndarray, spacing_mm: tuple[float, float], radius_mm: float
+) -> np.ndarray:
+    """1 where a candidate (received grid) lies within ``radius_mm`` of a µC."""
+    if len(xy) == 0 or len(truth) == 0:
+        return np.zeros(len(xy), np.float32)
+    dy = (xy[:, None, 1] - truth[None, :, 1]) * spacing_mm[0]
+    dx = (xy[:, None, 0] - truth[None, :, 0]) * spacing_mm[1]
+    return (np.sqrt(dx**2 + dy**2).min(axis=1) <= radius_mm).astype(np.float32)
+
+
+def collect_candidates(
+    asn: torch.nn.Module,
+    images: Sequence[TrainingImage],
+    *,
+    map_kind: Literal["residual", "segmentation"] = "residual",
+    residual_kind: str = "l1",
+    proposal: ProposalConfig | None = None,
+    match_radius_mm: float = 1.0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[_CandidateImage]:
+    """Run ASN on images and cut labelled crops around every candidate and every µC."""
+    from cascade.fpr import extract_crops
+
+    out = []
+    iterator: Any = images
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(images, desc="ASN candidates", unit="img")
+    for im in iterator:
+        rmap = residual_map(
+            asn,
+            im.image,
+            kind=map_kind,
+            residual=residual_kind,
+            mask=im.breast_mask,
+            device=device,
+        )
+        cands = propose(rmap, im.transform, config=proposal)
+        xy_src = candidates_xy(cands, grid="source")
+        truth = np.array([[c.x, c.y] for c in im.record.calcifications], dtype=np.float64).reshape(
+            -1, 2
+        )
+        out.append(
+            _CandidateImage(
+                crops=extract_crops(im.image, candidates_xy(cands, grid="work")),
+                asn_scores=np.array([c.asn_score for c in cands], dtype=np.float64),
+                xy_source=xy_src,
+                labels=_label_candidates(
+                    xy_src, truth, im.record.pixel_spacing_mm, match_radius_mm
+                ),
+                truth_xy=truth,
+                truth_crops=extract_crops(im.image, im.centres),
+                spacing_mm=im.record.pixel_spacing_mm,
+                breast_area_cm2=float(im.breast_mask.sum()) * 0.07 * 0.07 / 100.0,
+            )
+        )
+    return out
+
+
+def _augment_crops(rng: np.random.Generator, crops: np.ndarray) -> np.ndarray:
+    """Flips, quarter turns and mild contrast / noise for a batch of ``(N, S, S)`` crops."""
+    out = crops.copy()
+    for i in range(len(out)):
+        c = out[i]
+        if rng.random() < 0.5:
+            c = c[:, ::-1]
+        if rng.random() < 0.5:
+            c = c[::-1, :]
+        c = np.rot90(c, int(rng.integers(0, 4)))
+        if rng.random() < 0.5:
+            mean = float(c.mean())
+            c = mean + rng.uniform(0.8, 1.25) * (c - mean)
+        if rng.random() < 0.5:
+            c = c + rng.normal(0.0, rng.uniform(0.0, 0.015), c.shape)
+        out[i] = np.clip(c, 0.0, 1.0)
+    return out
+
+
+def evaluate_cascade(
+    fpr: torch.nn.Module,
+    cand_images: Sequence[_CandidateImage],
+    *,
+    input_size: int,
+    device: torch.device | str = "cpu",
+    ks: Sequence[float] = (0.5, 1, 2, 5, 10, 15, 20),
+) -> dict[str, Any]:
+    """FROC of ASN × FPR on pre-computed candidates (1-mm rule, received grid)."""
+    from cascade.fpr import score_crops
+
+    evals = []
+    for ci in cand_images:
+        probs = score_crops(fpr, ci.crops, input_size=input_size, device=device)
+        evals.append(
+            ImageEval(
+                ci.truth_xy,
+                ci.xy_source,
+                ci.asn_scores * probs,
+                spacing_mm=ci.spacing_mm,
+                breast_area_cm2=ci.breast_area_cm2,
+            )
+        )
+    result = froc(evals, ks=tuple(ks))
+    return {
+        "recall_at": {str(k): float(v) for k, v in result.recall_at.items()},
+        "n_truth": int(result.n_truth),
+        "n_images": int(result.n_images),
+    }
+
+
+def train_fpr(
+    *,
+    manifest: str | Path,
+    asn_checkpoint: str | Path,
+    out: str | Path,
+    config: FprTrainConfig | None = None,
+    val_manifest: str | Path | None = None,
+    resume: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train the FPR ResNet on ASN's candidates; return the best checkpoint's path.
+
+    Writes ``out/last.pt`` (resumable), ``out/best.pt`` (best cascade R@5 on the
+    validation images, ties broken by R@1) and ``out/history.json``.
+    """
+    from cascade.fpr import CROP_SIZE, prepare_batch
+
+    config = config or FPR_PRESETS["cpu"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    _seed_everything(config.seed)
+    asn_ck = load_checkpoint(asn_checkpoint, map_location=dev)
+    asn_kind = asn_ck.meta.get("kind")
+    if asn_kind not in ("asn", "unet_ce"):
+        raise TrainingError(f"{asn_checkpoint}: not an ASN checkpoint (kind {asn_kind!r})")
+    asn = asn_ck.model.to(dev).eval()
+    asn_pre = asn_ck.meta.get("preprocessing", {})
+    map_kind = asn_pre.get("map_kind", "residual")
+    residual_kind = asn_pre.get("residual", "l1")
+    prop_cfg = ProposalConfig(
+        **{
+            **dict(asn_ck.meta.get("training", {}).get("proposal", {}) or {}),
+            **dict(config.proposal),
+        }
+    )
+
+    records = read_manifest(manifest)
+    if val_manifest is not None:
+        train_recs, val_recs = records, read_manifest(val_manifest)
+    else:
+        train_recs, val_recs = split_records(records, seed=config.seed)
+    val_recs = val_recs[: config.val_images]
+    if not train_recs:
+        raise TrainingError(f"{manifest}: no training images")
+    train_c = collect_candidates(
+        asn,
+        load_training_images(train_recs, progress=progress),
+        map_kind=map_kind,
+        residual_kind=residual_kind,
+        proposal=prop_cfg,
+        match_radius_mm=config.match_radius_mm,
+        device=dev,
+        progress=progress,
+    )
+    val_c = (
+        collect_candidates(
+            asn,
+            load_training_images(val_recs),
+            map_kind=map_kind,
+            residual_kind=residual_kind,
+            proposal=prop_cfg,
+            match_radius_mm=config.match_radius_mm,
+            device=dev,
+        )
+        if val_recs
+        else []
+    )
+    crops = np.concatenate([c.crops for c in train_c] + [c.truth_crops for c in train_c]).reshape(
+        -1, CROP_SIZE, CROP_SIZE
+    )
+    labels = np.concatenate(
+        [c.labels for c in train_c] + [np.ones(len(c.truth_crops), np.float32) for c in train_c]
+    )
+    if len(labels) == 0 or labels.min() == labels.max():
+        raise TrainingError(
+            f"FPR needs both positive and negative crops; got {int(labels.sum())} positives "
+            f"of {len(labels)}"
+        )
+    n_pos = int(labels.sum())
+    logger.info(
+        "FPR training crops: %d (%d positive, %d hard negatives)",
+        len(labels),
+        n_pos,
+        len(labels) - n_pos,
+    )
+
+    model = get_model(config.model, **dict(config.model_config)).to(dev)
+    input_size = int(dict(config.model_config).get("input_size", CROP_SIZE))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(config.seed)
+    start_epoch, history, best = 0, [], (-1.0, -1.0)
+    if resume is not None:
+        ck = load_checkpoint(resume, kind="fpr")
+        model.load_state_dict(ck.model.state_dict())
+        if ck.optimizer_state is None:
+            raise TrainingError(f"{resume}: has no optimizer state; cannot resume")
+        opt.load_state_dict(ck.optimizer_state)
+        prog = ck.progress or {}
+        start_epoch = int(prog.get("epoch", -1)) + 1
+        history = list(prog.get("history", []))
+        best = tuple(prog.get("best", (-1.0, -1.0)))  # type: ignore[assignment]
+        if "rng_state" in prog:
+            rng.bit_generator.state = json.loads(prog["rng_state"])
+    data_desc = {
+        "manifest": str(manifest),
+        "asn_checkpoint": str(asn_checkpoint),
+        "asn_sha256": asn_ck.meta.get("sha256"),
+        "train_images": len(train_recs),
+        "val_images": len(val_recs),
+        "crops": len(labels),
+        "positive_crops": n_pos,
+        "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
+    }
+    preprocessing = {
+        "pixel_spacing_mm": 0.07,
+        "intensity": "linear to [0, 1] (8-bit quantised), background 0",
+        "crop_size": CROP_SIZE,
+        "input_size": input_size,
+    }
+    best_path = out / "best.pt"
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        order = rng.permutation(len(labels))
+        batches = range(0, len(order), config.batch_size)
+        iterator: Any = batches
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(batches, desc=f"FPR epoch {epoch + 1}/{config.epochs}", unit="batch")
+        t0, losses = time.perf_counter(), []
+        for start in iterator:
+            idx = order[start : start + config.batch_size]
+            batch = crops[idx]
+            if config.augment:
+                batch = _augment_crops(rng, batch)
+            x = prepare_batch(batch, input_size=input_size, device=dev)
+            y = torch.from_numpy(labels[idx]).to(dev)
+            loss = loss_fn(model(x).reshape(-1), y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite FPR loss ({loss.item()}) at epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.item()))
+            if progress:
+                iterator.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "train_seconds": time.perf_counter() - t0,
+        }
+        if val_c:
+            metrics["val"] = evaluate_cascade(model, val_c, input_size=input_size, device=dev)
+        history.append(metrics)
+        logger.info("FPR epoch %d: %s", epoch + 1, json.dumps(metrics))
+        r = metrics.get("val", {}).get("recall_at", {})
+        score = (float(r.get("5", -metrics["loss"])), float(r.get("1", 0.0)))
+        is_best = score > best
+        best = max(best, score)
+        common = dict(
+            model_name=config.model,
+            model_config=dict(config.model_config),
+            preprocessing=preprocessing,
+            training={**config.to_json(), "device": str(dev), "calcnode_version": __version__},
+            data=data_desc,
+            metrics=metrics,
+            kind="fpr",
+        )
+        save_checkpoint(
+            out / "last.pt",
+            state_dict=model.state_dict(),
+            optimizer_state=opt.state_dict(),
+            progress={
+                "epoch": epoch,
+                "history": history,
+                "best": list(best),
+                "rng_state": json.dumps(rng.bit_generator.state),
+            },
+            **common,  # type: ignore[arg-type]
+        )
+        if is_best or not best_path.exists():
+            save_checkpoint(best_path, state_dict=model.state_dict(), **common)  # type: ignore[arg-type]
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    return best_path
