@@ -55,8 +55,12 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--count", type=int, default=8, help="number of images (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", choices=("small", "full"), default="small",
-                   help="small ≈ 10 × 7 cm (fast) or full-field 24 × 18 cm")
+    p.add_argument(
+        "--size",
+        choices=("small", "full"),
+        default="small",
+        help="small ≈ 10 × 7 cm (fast) or full-field 24 × 18 cm",
+    )
     p.add_argument("--preview", action="store_true", help="also write PNGs, truth circled")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_phantom)
@@ -81,6 +85,158 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     ib.set_defaults(func=_cmd_dataset_inbreast)
 
 
+# --------------------------------------------------------------------------- train
+def _cmd_train_asn(args: argparse.Namespace) -> int:
+    from cascade.train import preset, train_asn
+
+    overrides: dict[str, object] = {"seed": args.seed}
+    if args.loss:
+        overrides["loss"] = args.loss
+    if args.beta is not None:
+        overrides["beta"] = args.beta
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.iterations is not None:
+        overrides["iterations_per_epoch"] = args.iterations
+    config = preset(args.preset, **overrides)
+    if args.width is not None:
+        config = preset(args.preset, **overrides, model_config={"width": args.width})
+    best = train_asn(
+        manifest=args.manifest,
+        val_manifest=args.val_manifest,
+        out=args.out,
+        config=config,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _cmd_train_fpr(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cascade.train import FPR_PRESETS, train_fpr
+
+    if args.preset not in FPR_PRESETS:
+        raise SystemExit(f"unknown FPR preset {args.preset!r}; known: {sorted(FPR_PRESETS)}")
+    config = replace(FPR_PRESETS[args.preset], seed=args.seed)
+    if args.epochs is not None:
+        config = replace(config, epochs=args.epochs)
+    best = train_fpr(
+        manifest=args.manifest,
+        val_manifest=args.val_manifest,
+        asn_checkpoint=args.asn,
+        out=args.out,
+        config=config,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train the ASN or the FPR network")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--manifest", type=Path, required=True, help="training manifest (.jsonl)")
+        q.add_argument(
+            "--val-manifest",
+            type=Path,
+            help="validation manifest (default: a held-out 20 %% of the training studies)",
+        )
+        q.add_argument("--out", type=Path, required=True, help="run folder for checkpoints")
+        q.add_argument("--preset", default="cpu", help="tiny | cpu | paper (default cpu)")
+        q.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        q.add_argument("--resume", type=Path, help="continue from this last.pt")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    asn = tsub.add_parser("asn", help="train the anomaly separation network (U-Net)")
+    common(asn)
+    asn.add_argument(
+        "--loss",
+        choices=("ttest", "ttest_novar", "mse", "ce"),
+        help="ttest (the paper), ttest_novar, mse or ce (the U-Net baseline)",
+    )
+    asn.add_argument("--beta", type=float, help="t-test margin β (the paper: 0.8)")
+    asn.add_argument("--iterations", type=int, help="iterations per epoch")
+    asn.add_argument("--width", type=int, help="U-Net width (channels of the first stage)")
+    asn.set_defaults(func=_cmd_train_asn)
+
+    fpr = tsub.add_parser("fpr", help="train the false-positive reduction ResNet-50")
+    common(fpr)
+    fpr.add_argument("--asn", type=Path, required=True, help="ASN checkpoint giving candidates")
+    fpr.set_defaults(func=_cmd_train_fpr)
+
+
+# --------------------------------------------------------------------------- detect
+def _detector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from cascade.detector import Detector
+
+    if args.asn is None:
+        return Detector.bundled(device=args.device)
+    return Detector(args.asn, args.fpr, device=args.device)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from cascade.preview import write_detection_preview
+
+    files: list[Path] = []
+    for item in args.inputs:
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*.dcm") if p.is_file()))
+        else:
+            files.append(item)
+    if not files:
+        raise CalcnodeError("no input files (give DICOM files or folders holding *.dcm)")
+    detector = _detector(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for path in files:
+        result = detector.detect(path)
+        images.append(result.to_json())
+        logger.info("%s: %d detections", result.sop_instance_uid, len(result.detections))
+        if args.preview:
+            write_detection_preview(
+                path,
+                result,
+                args.out / "previews" / f"{result.sop_instance_uid}.png",
+                min_score=args.preview_min_score,
+            )
+    out = args.out / "detections.json"
+    out.write_text(json.dumps({"images": images}, indent=1))
+    print(
+        f"wrote {out} ({sum(len(i['detections']) for i in images)} detections, "
+        f"{len(images)} images)"
+    )
+    return 0
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("detect", help="run the cascade on DICOM files, write detections.json")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE|DIR")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--preview", action="store_true", help="also write PNGs with circles")
+    p.add_argument(
+        "--preview-min-score",
+        type=float,
+        default=0.0,
+        help="circle only detections scoring at least this",
+    )
+    p.add_argument("--asn", type=Path, help="ASN checkpoint (default: bundled weights)")
+    p.add_argument("--fpr", type=Path, help="FPR checkpoint (default: bundled weights)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=_cmd_detect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calcnode`` with all sub-commands."""
     parser = argparse.ArgumentParser(
@@ -91,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calcnode {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_phantom, _add_dataset):
+    for add in (_add_phantom, _add_dataset, _add_train, _add_detect):
         add(sub)
     return parser
 
