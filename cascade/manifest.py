@@ -194,7 +194,9 @@ class ImageRecord:
             raise DatasetError(f"{self.path}: sop_instance_uid is empty")
         if self.rows <= 0 or self.columns <= 0:
             raise DatasetError(f"{self.path}: rows and columns must be positive")
-        if len(self.pixel_spacing_mm) != 2 or not all(s > 0 for s in self.pixel_spacing_mm):
+        if len(self.pixel_spacing_mm) != 2 or not all(
+            0 < s < math.inf for s in self.pixel_spacing_mm
+        ):
             raise DatasetError(
                 f"{self.path}: pixel_spacing_mm must be two positive numbers, "
                 f"got {self.pixel_spacing_mm!r}"
@@ -217,8 +219,9 @@ class ImageRecord:
             "pixel_spacing_mm": [float(s) for s in self.pixel_spacing_mm],
             "calcifications": [c.to_json() for c in self.calcifications],
             "others": [o.to_json() for o in self.others],
-            "clusters": [{"points": [[round(x, 2), round(y, 2)] for x, y in c]}
-                         for c in self.clusters],
+            "clusters": [
+                {"points": [[round(x, 2), round(y, 2)] for x, y in c]} for c in self.clusters
+            ],
         }
         if self.study_instance_uid:
             out["study_instance_uid"] = self.study_instance_uid
@@ -233,17 +236,23 @@ class ImageRecord:
             raise DatasetError(f"{where}: expected a JSON object")
         schema = data.get("schema", MANIFEST_SCHEMA)
         if schema != MANIFEST_SCHEMA:
-            raise DatasetError(f"{where}: manifest schema {schema!r} is not supported "
-                               f"(this calcnode reads schema {MANIFEST_SCHEMA})")
+            raise DatasetError(
+                f"{where}: manifest schema {schema!r} is not supported "
+                f"(this calcnode reads schema {MANIFEST_SCHEMA})"
+            )
         for key in ("path", "sop_instance_uid", "rows", "columns", "pixel_spacing_mm"):
             if key not in data:
                 raise DatasetError(f"{where}: missing required key {key!r}")
+        if not isinstance(data["sop_instance_uid"], str):
+            raise DatasetError(f"{where}: sop_instance_uid must be a string")
         path = Path(str(data["path"]))
         if not path.is_absolute():
             path = base / path
         try:
             spacing = tuple(float(s) for s in data["pixel_spacing_mm"])
-            rows, columns = int(data["rows"]), int(data["columns"])
+            rows, columns = data["rows"], data["columns"]
+            if not (isinstance(rows, int) and isinstance(columns, int)):
+                raise TypeError("rows and columns must be integers")
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"{where}: rows, columns or pixel_spacing_mm malformed") from exc
         if len(spacing) != 2:
@@ -265,8 +274,9 @@ class ImageRecord:
                 OtherFinding.from_json(o, f"{where}.others[{i}]") for i, o in enumerate(others)
             ),
             clusters=tuple(
-                _points(c.get("points", []) if isinstance(c, Mapping) else c,
-                        f"{where}.clusters[{i}]")
+                _points(
+                    c.get("points", []) if isinstance(c, Mapping) else c, f"{where}.clusters[{i}]"
+                )
                 for i, c in enumerate(clusters)
             ),
             study_instance_uid=data.get("study_instance_uid"),
@@ -297,7 +307,16 @@ def iter_manifest(path: str | Path) -> Iterator[ImageRecord]:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from exc
-            yield ImageRecord.from_json(data, base=base, where=where)
+            try:
+                record = ImageRecord.from_json(data, base=base, where=where)
+            except DatasetError as exc:
+                # Constructor checks (diameter, kind, spacing) do not know the line.
+                if str(exc).startswith(where):
+                    raise
+                raise DatasetError(f"{where}: {exc}") from exc
+            except (TypeError, ValueError) as exc:
+                raise DatasetError(f"{where}: malformed value ({exc})") from exc
+            yield record
 
 
 def read_manifest(path: str | Path) -> list[ImageRecord]:
