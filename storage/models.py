@@ -1,0 +1,418 @@
+"""SQLAlchemy tables of the node's durable state, and the versioned schema.
+
+Tables
+------
+``jobs``
+    One row per received SOP Instance (the image and its processing job together):
+    where the file is, its digest, and the job's state machine
+    ``queued → running → done | failed`` with attempts, lease and back-off.
+``studies``
+    One row per Study Instance UID: arrival times and the report bookkeeping used by
+    the quiet-period rule (``open`` = content not yet reported, ``reported``).
+``sends``
+    Outbound C-STOREs of produced objects, ``pending → sent | failed``.
+``schema_version``
+    Exactly one row: the schema version and the application name that recognises
+    the file as a calcnode database.
+
+No patient data is stored: only UIDs, AE titles, paths relative to the file store,
+digests, states, times and error texts (which the node must keep free of patient data).
+
+Times are timezone-aware UTC :class:`datetime.datetime` objects in Python; they are
+stored as naive UTC (SQLite has no time zones) by :class:`UTCDateTime`, which refuses
+naive datetimes on the way in.
+
+Schema versions
+---------------
+:data:`SCHEMA_VERSION` is the version the models describe. A fresh database is created
+from the models (``create_all``) and stamped with it. An existing database stamped with
+an older version is upgraded by the steps in :data:`MIGRATIONS` whose ``version`` is
+above the stamped one, in order, in one transaction. A newer version, or a file that is
+not a calcnode database, is refused with :class:`~storage.errors.SchemaVersionError`.
+
+To change the schema: change the models, append ``Migration(version=N, ...)`` whose
+``apply`` brings a version ``N - 1`` database to the models (``ALTER TABLE ...``), and
+set :data:`SCHEMA_VERSION` to ``N``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from storage.errors import SchemaVersionError
+
+__all__ = [
+    "APPLICATION_NAME",
+    "JOB_STATES",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SEND_KINDS",
+    "SEND_STATES",
+    "STUDY_STATES",
+    "Base",
+    "Job",
+    "Migration",
+    "SchemaVersion",
+    "Send",
+    "Study",
+    "UTCDateTime",
+    "prepare_schema",
+    "read_schema_version",
+    "utcnow",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The schema version the models in this module describe.
+SCHEMA_VERSION = 1
+
+#: Written into ``schema_version.application``: recognises a calcnode database.
+APPLICATION_NAME = "calcnode"
+
+JOB_STATES = ("queued", "running", "done", "failed")
+STUDY_STATES = ("open", "reported")
+SEND_STATES = ("pending", "sent", "failed")
+#: What an outbound object is: Mammography CAD SR, TID 1500 SR, SEG, GSPS.
+SEND_KINDS = ("cad-sr", "tid1500-sr", "seg", "gsps")
+
+#: Longest UID DICOM allows (PS3.5 §9.1).
+UID_LENGTH = 64
+
+
+def utcnow() -> dt.datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return dt.datetime.now(dt.UTC)
+
+
+def _in(values: Sequence[str]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime, stored naive in UTC.
+
+    Binding a naive datetime raises :class:`ValueError`: a naive time is ambiguous and
+    would compare wrongly against stored values.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"datetime {value.isoformat()} is naive; pass a timezone-aware one")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"database returned {type(value).__name__} for a datetime column")
+        return value.replace(tzinfo=dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the node's tables."""
+
+
+class Study(Base):
+    """A study as the quiet-period rule sees it.
+
+    ``content_generation`` increases whenever the study's content changes (a new image,
+    a changed re-send, an admin retry of one of its jobs); ``state`` is ``open`` while
+    that content has not been reported, ``reported`` once it has. ``report_version``
+    is the version of the last report made (0 = none yet).
+    """
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        CheckConstraint(f"state IN {_in(STUDY_STATES)}", name="ck_studies_state"),
+        Index("ix_studies_state_last_received", "state", "last_received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    content_generation: Mapped[int] = mapped_column(Integer, default=0)
+    report_version: Mapped[int] = mapped_column(Integer, default=0)
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    last_report_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class Job(Base):
+    """A received SOP Instance and its processing job.
+
+    ``path`` is relative to the file store's root. ``attempts`` counts claims (a claim
+    is an attempt, whether it ends in ``complete``, ``fail`` or an expired lease).
+    ``result`` is the worker's JSON summary (e.g. ``{"paths": [...], "findings": 3}``).
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"state IN {_in(JOB_STATES)}", name="ck_jobs_state"),
+        CheckConstraint("attempts >= 0", name="ck_jobs_attempts"),
+        CheckConstraint("max_attempts >= 1", name="ck_jobs_max_attempts"),
+        Index("ix_jobs_state_next_attempt", "state", "next_attempt_at"),
+        Index("ix_jobs_study", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        String(UID_LENGTH), ForeignKey("studies.study_instance_uid")
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    path: Mapped[str] = mapped_column(String(1024))
+    digest: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Send(Base):
+    """An outbound C-STORE of a produced object to a configured destination.
+
+    ``object_path`` is relative to the file store's root. One row per (destination,
+    SOP Instance UID): adding the same object for the same destination again is a no-op.
+    """
+
+    __tablename__ = "sends"
+    __table_args__ = (
+        CheckConstraint(f"state IN {_in(SEND_STATES)}", name="ck_sends_state"),
+        CheckConstraint(f"kind IN {_in(SEND_KINDS)}", name="ck_sends_kind"),
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_sends_destination_sop"),
+        Index("ix_sends_state_next_try", "state", "next_try_at"),
+        Index("ix_sends_study", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    object_path: Mapped[str] = mapped_column(String(1024))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class SchemaVersion(Base):
+    """The single row saying which schema version the database has."""
+
+    __tablename__ = "schema_version"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_schema_version_single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    application: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema upgrade step.
+
+    Parameters
+    ----------
+    version : int
+        The version the step produces; it applies to a database at ``version - 1``.
+    description : str
+        What the step changes, logged when it runs.
+    apply : callable
+        ``apply(connection)`` runs the DDL/DML inside the upgrade's transaction.
+    """
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TypeError(f"version must be an int, got {type(self.version).__name__}")
+        if self.version < 2:
+            raise ValueError(f"version must be >= 2 (1 is the baseline), got {self.version}")
+        if not callable(self.apply):
+            raise TypeError("apply must be callable")
+
+
+#: Upgrade steps, ordered by ``version``. Version 1 is the baseline (the tables above as
+#: first released); a fresh database is created from the models, never replayed.
+MIGRATIONS: tuple[Migration, ...] = ()
+
+
+def _check_migrations(migrations: Sequence[Migration], target: int) -> None:
+    expected = list(range(2, target + 1))
+    got = [m.version for m in migrations if m.version <= target]
+    if got != expected:
+        raise ValueError(
+            f"migrations must hold exactly versions {expected} in order for target "
+            f"{target}, got {got}"
+        )
+
+
+def read_schema_version(connection: Connection) -> int | None:
+    """Return the database's stamped schema version, or ``None`` for an empty database.
+
+    Raises
+    ------
+    SchemaVersionError
+        When the database has tables but is not a calcnode database (no or a foreign
+        ``schema_version`` table, or not the single row it should hold).
+    """
+    tables = set(inspect(connection).get_table_names())
+    if not tables:
+        return None
+    if "schema_version" not in tables:
+        shown = ", ".join(sorted(tables)[:8])
+        raise SchemaVersionError(
+            f"not a calcnode database: it has tables ({shown}) but no schema_version table"
+        )
+    try:
+        rows = connection.execute(select(SchemaVersion.application, SchemaVersion.version)).all()
+    except DatabaseError as exc:
+        raise SchemaVersionError(
+            f"not a calcnode database: its schema_version table is unreadable ({exc.orig})"
+        ) from exc
+    if len(rows) != 1:
+        raise SchemaVersionError(
+            f"not a calcnode database: schema_version holds {len(rows)} rows, expected 1"
+        )
+    application, version = rows[0]
+    if application != APPLICATION_NAME:
+        raise SchemaVersionError(
+            f"not a calcnode database: schema_version names application {application!r}"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SchemaVersionError(f"not a calcnode database: schema version {version!r}")
+    return version
+
+
+def _stamp(connection: Connection, version: int, *, first: bool) -> None:
+    values = {"application": APPLICATION_NAME, "version": version, "updated_at": utcnow()}
+    if first:
+        connection.execute(insert(SchemaVersion).values(id=1, **values))
+    else:
+        connection.execute(update(SchemaVersion).where(SchemaVersion.id == 1).values(**values))
+
+
+def prepare_schema(
+    engine: Engine,
+    *,
+    create: bool = True,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    target: int = SCHEMA_VERSION,
+) -> int:
+    """Create, check or upgrade the schema of the database behind ``engine``.
+
+    Runs in one transaction: a failed upgrade leaves the database as it was.
+
+    Parameters
+    ----------
+    engine : Engine
+        The database.
+    create : bool
+        Create the tables in an empty database (else an empty database is refused).
+    migrations : sequence of Migration
+        Upgrade steps ordered by version; must hold exactly versions ``2 .. target``.
+    target : int
+        The version the running code expects (tests pass a higher one with their own
+        steps to exercise the upgrade path).
+
+    Returns
+    -------
+    int
+        The version the database had before (0 for a database created now).
+
+    Raises
+    ------
+    SchemaVersionError
+        The database is newer than ``target``, is not a calcnode database, or is
+        empty while ``create`` is false.
+    ValueError
+        ``migrations`` does not hold the steps ``2 .. target`` in order.
+    """
+    _check_migrations(migrations, target)
+    with engine.begin() as conn:
+        found = read_schema_version(conn)
+        if found is None:
+            if not create:
+                raise SchemaVersionError(
+                    "the database is empty (no calcnode schema) and create=False"
+                )
+            if target != SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"cannot create a database at version {target}: the models describe "
+                    f"version {SCHEMA_VERSION}"
+                )
+            Base.metadata.create_all(conn)
+            _stamp(conn, target, first=True)
+            logger.info("created database schema version %d", target)
+            return 0
+        if found > target:
+            raise SchemaVersionError(
+                f"the database has schema version {found}, newer than version {target} "
+                "that this calcnode understands: upgrade calcnode (or point it at another "
+                "database); refusing to open it"
+            )
+        if found < target:
+            for step in migrations:
+                if found < step.version <= target:
+                    logger.info(
+                        "migrating database schema %d -> %d: %s",
+                        step.version - 1,
+                        step.version,
+                        step.description,
+                    )
+                    step.apply(conn)
+            _stamp(conn, target, first=False)
+            logger.info("database schema migrated from version %d to %d", found, target)
+        return found
