@@ -156,7 +156,7 @@ class Detector:
         fpr_batch_size: int = 256,
         min_score: float = 0.0,
     ) -> None:
-        from cascade.checkpoint import load_checkpoint
+        from cascade.checkpoint import checkpoint_sha256, load_checkpoint
         from cascade.proposals import ProposalConfig
         from cascade.train import resolve_device
 
@@ -170,6 +170,8 @@ class Detector:
             )
         self.asn = asn.model.to(self.device).eval()
         self.asn_meta = asn.meta
+        self.asn_sha256 = checkpoint_sha256(asn_checkpoint)
+        self.fpr_sha256 = ""
         pre = asn.meta.get("preprocessing", {})
         self.map_kind = pre.get("map_kind", "residual")
         self.residual = pre.get("residual", "l1")
@@ -183,6 +185,7 @@ class Detector:
             fpr = load_checkpoint(fpr_checkpoint, map_location=self.device, kind="fpr")
             self.fpr = fpr.model.to(self.device).eval()
             self.fpr_meta = fpr.meta
+            self.fpr_sha256 = checkpoint_sha256(fpr_checkpoint)
             self.fpr_input_size = int(fpr.meta.get("model_config", {}).get("input_size", 56))
         self.fpr_batch_size = fpr_batch_size
         self.min_score = min_score
@@ -200,10 +203,14 @@ class Detector:
     @property
     def model_version(self) -> str:
         """A short identifier of the loaded weights (sha256 prefixes of both checkpoints)."""
-        parts = [str(self.asn_meta.get("sha256", ""))[:12]]
-        if self.fpr_meta:
-            parts.append(str(self.fpr_meta.get("sha256", ""))[:12])
-        return "-".join(p for p in parts if p) or "unknown"
+        return "-".join(h[:12] for h in (self.asn_sha256, self.fpr_sha256) if h)
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 over both checkpoints' digests: changes with every trained model."""
+        import hashlib
+
+        return hashlib.sha256((self.asn_sha256 + self.fpr_sha256).encode()).hexdigest()
 
     @torch.no_grad()
     def detect(

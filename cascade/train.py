@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cascade._version import __version__
-from cascade.checkpoint import load_checkpoint, save_checkpoint
+from cascade.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from cascade.datasets import Augmentation, PatchSampler, TrainingImage, load_training_images
 from cascade.errors import TrainingError
 from cascade.evaluate import ImageEval, froc
@@ -295,7 +295,7 @@ def train_asn(
             if config.loss == "ce":
                 loss = loss_fn(y, pos, neg)
             elif config.loss == "mse":
-                loss = loss_fn(y, x, pos | neg)
+                loss = loss_fn(y, x)
             else:
                 loss = loss_fn(residual(y, x, kind=config.residual), pos, neg)
             if not torch.isfinite(loss):
@@ -655,7 +655,7 @@ def train_fpr(
     data_desc = {
         "manifest": str(manifest),
         "asn_checkpoint": str(asn_checkpoint),
-        "asn_sha256": asn_ck.meta.get("sha256"),
+        "asn_sha256": checkpoint_sha256(asn_checkpoint),
         "train_images": len(train_recs),
         "val_images": len(val_recs),
         "crops": len(labels),
