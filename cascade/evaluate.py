@@ -64,6 +64,7 @@ __all__ = [
     "dog_detect",
     "froc",
     "froc_table",
+    "images_from_detections",
     "match_image",
     "plot_froc",
 ]
@@ -749,3 +750,56 @@ def froc_table(results: Mapping[str, FrocResult], ks: Iterable[float] = PAPER_KS
             cells.append(f"{100.0 * value:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def images_from_detections(
+    records: Sequence[Any],
+    detections: Mapping[str, Any],
+    *,
+    breast_areas_cm2: Mapping[str, float] | None = None,
+) -> list[ImageEval]:
+    """Pair manifest records with a ``detections.json`` document by SOP Instance UID.
+
+    Parameters
+    ----------
+    records : sequence of cascade.manifest.ImageRecord
+        The ground truth; every record becomes one :class:`ImageEval`.
+    detections : mapping
+        A decoded ``detections.json`` (``{"images": [...]}``). An image of the
+        manifest missing from it counts with no detections (logged); images not
+        in the manifest are ignored (logged).
+    breast_areas_cm2 : mapping or None
+        Breast area per SOP Instance UID, for FP/cm².
+    """
+    by_uid = {img["sop_instance_uid"]: img for img in detections.get("images", [])}
+    uids = {r.sop_instance_uid for r in records}
+    extra = set(by_uid) - uids
+    if extra:
+        logger.warning("%d images in the detections are not in the manifest", len(extra))
+    out = []
+    for rec in records:
+        img = by_uid.get(rec.sop_instance_uid)
+        if img is None:
+            logger.warning("image %s has no detections entry", rec.sop_instance_uid)
+            dets: list[Mapping[str, Any]] = []
+        else:
+            dets = img.get("detections", [])
+            if (img.get("rows"), img.get("columns")) != (rec.rows, rec.columns):
+                raise ValueError(
+                    f"image {rec.sop_instance_uid}: detections are for a "
+                    f"{img.get('rows')}×{img.get('columns')} grid, the manifest says "
+                    f"{rec.rows}×{rec.columns}"
+                )
+        out.append(
+            ImageEval(
+                np.array([[c.x, c.y] for c in rec.calcifications], float).reshape(-1, 2),
+                np.array([[d["x"], d["y"]] for d in dets], float).reshape(-1, 2),
+                np.array([d["score"] for d in dets], float),
+                spacing_mm=tuple(rec.pixel_spacing_mm),
+                breast_area_cm2=None
+                if breast_areas_cm2 is None
+                else breast_areas_cm2.get(rec.sop_instance_uid),
+                ignore_xy=np.array([p for o in rec.others for p in o.points], float).reshape(-1, 2),
+            )
+        )
+    return out

@@ -172,7 +172,7 @@ def evaluate_proposals(
     seconds = (time.perf_counter() - t0) / max(len(images), 1)
     result = froc(evals, ks=tuple(ks))
     return {
-        "recall_at": {str(k): float(v) for k, v in result.recall_at.items()},
+        "recall_at": {f"{k:g}": float(v) for k, v in result.recall_at.items()},
         "n_truth": int(result.n_truth),
         "n_images": int(result.n_images),
         "seconds_per_image": seconds,
@@ -538,7 +538,7 @@ def evaluate_cascade(
         )
     result = froc(evals, ks=tuple(ks))
     return {
-        "recall_at": {str(k): float(v) for k, v in result.recall_at.items()},
+        "recall_at": {f"{k:g}": float(v) for k, v in result.recall_at.items()},
         "n_truth": int(result.n_truth),
         "n_images": int(result.n_images),
     }

@@ -237,6 +237,66 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=_cmd_detect)
 
 
+# --------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from cascade.evaluate import froc, froc_table, images_from_detections, plot_froc
+    from cascade.io import read_mammogram
+    from cascade.manifest import read_manifest
+    from cascade.preprocess import preprocess_mammogram
+
+    records = read_manifest(args.manifest)
+    if args.detections is not None:
+        detections = json.loads(args.detections.read_text())
+    else:
+        detector = _detector(args)
+        detections = {"images": [detector.detect(r.path).to_json() for r in records]}
+    areas = {}
+    for rec in records:
+        pre = preprocess_mammogram(read_mammogram(rec.path))
+        sr, sc = pre.transform.work_spacing_mm
+        areas[rec.sop_instance_uid] = float(pre.breast_mask.sum()) * sr * sc / 100.0
+    result = froc(
+        images_from_detections(records, detections, breast_areas_cm2=areas),
+        use_ignore=args.ignore_others,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "froc.json").write_text(json.dumps(result.to_json(), indent=1))
+    plot_froc({args.label: result}, args.out / "froc.png", title=str(args.manifest))
+    table = froc_table({args.label: result}, ks=(0.5, 1, 2, 5, 10, 15, 20))
+    (args.out / "froc.md").write_text(table + "\n")
+    print(table)
+    print(
+        f"{result.n_truth} µCs in {result.n_images} images; wrote {args.out}/froc.json, "
+        "froc.png, froc.md"
+    )
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "evaluate",
+        help="FROC of detections against a manifest (1-mm rule)",
+        description="FROC with the paper's rule: a µC is recalled when a detection lies within "
+        "1 mm; other detections are false positives. Evaluates a detections.json, or runs the "
+        "detector (bundled weights or --asn/--fpr) on the manifest's images.",
+    )
+    p.add_argument("--manifest", type=Path, required=True, help="ground truth (.jsonl)")
+    p.add_argument("--detections", type=Path, help="detections.json from calcnode detect")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--label", default="calcnode", help="curve label in plot and table")
+    p.add_argument(
+        "--ignore-others",
+        action="store_true",
+        help="detections on non-µC calcifications count neither way",
+    )
+    p.add_argument("--asn", type=Path, help="ASN checkpoint (default: bundled weights)")
+    p.add_argument("--fpr", type=Path, help="FPR checkpoint (default: bundled weights)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calcnode`` with all sub-commands."""
     parser = argparse.ArgumentParser(
@@ -247,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calcnode {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_phantom, _add_dataset, _add_train, _add_detect):
+    for add in (_add_phantom, _add_dataset, _add_train, _add_detect, _add_evaluate):
         add(sub)
     return parser
 
