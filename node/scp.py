@@ -1,0 +1,771 @@
+"""The node's listening side: a C-ECHO and C-STORE SCP with an association policy.
+
+:class:`StorageSCP` runs a pynetdicom server (one thread per association) that
+
+* accepts or rejects each association (source address, calling and called AE title,
+  number of concurrent associations, optional TLS) and logs every rejection with its
+  reason — the peer's AE title and address, never patient data;
+* answers C-ECHO (Verification);
+* answers C-STORE for the two Digital Mammography X-Ray Image Storage SOP classes, in
+  uncompressed and compressed transfer syntaxes (:data:`ACCEPTED_TRANSFER_SYNTAXES`),
+  and refuses, per instance, every other storage SOP class a routed study may contain.
+
+The C-STORE handler persists before it answers. pynetdicom sends the response when the
+handler returns, so the order in the handler is the durability contract:
+
+1. free space above ``storage.min_free_mb`` → else 0xA700 (Refused: Out of Resources);
+2. a mammogram SOP class → else 0x0122 (Refused: SOP Class Not Supported);
+3. the header: parsed up to the pixel data only (no decoding), checked by
+   :func:`cascade.io.check_mammogram_header`, plus the pixel data element itself
+   (present, not truncated, native or encapsulated as the transfer syntax says) → else
+   0xC210 (Cannot Understand) or 0xA900 (Data Set Does Not Match SOP Class), with an
+   Error Comment;
+4. the file, written as received (no re-encoding) through
+   :meth:`storage.filestore.FileStore.write_atomic` (temporary file, fsync, rename,
+   directory fsync) → a full disk during the write is 0xA700;
+5. the job, committed by :meth:`storage.queue.Database.enqueue_image`;
+6. only then 0x0000. A failure after step 4 removes the file just written (no orphan
+   file, no job pointing at a missing file) and answers 0xC211 (0xA700 for a full
+   disk). No inference happens here: the worker does that from the queue.
+
+Re-sends: the same SOP Instance UID with the same bytes is a duplicate (success, stored
+and processed once); with different bytes it replaces the earlier instance and is
+processed again (see ``docs/conformance.md``, "Network services").
+
+Nothing here logs patient data: log lines carry SOP Instance UIDs, AE titles and peer
+addresses. pynetdicom itself logs identifiers at INFO/DEBUG, so the ``pynetdicom``
+logger is set to ``logging.pynetdicom_level`` (WARNING by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from cascade.errors import InvalidImageError
+from cascade.io import (
+    MG_FOR_PRESENTATION,
+    MG_FOR_PROCESSING,
+    MG_SOP_CLASSES,
+    check_mammogram_header,
+)
+from node.settings import Settings
+from storage.errors import DiskFullError
+from storage.filestore import FileStore, StoredFile
+from storage.queue import Database, EnqueueResult
+
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "MAX_PDU_SIZE",
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_PROCESSING_FAILURE",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
+    "STATUS_SUCCESS",
+    "StorageSCP",
+]
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3; 0x0122 is a general status, PS3.7 C.5).
+STATUS_SUCCESS = 0x0000
+#: Refused: Out of Resources — free space below the floor, or the disk filled up.
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: Error: Data Set Does Not Match SOP Class — the data set's SOP Class UID differs
+#: from the request's Affected SOP Class UID.
+STATUS_DATASET_MISMATCH = 0xA900
+#: Error: Cannot Understand — not a usable mammogram (header check failed).
+STATUS_CANNOT_UNDERSTAND = 0xC210
+#: Error: Cannot Understand, our side — storing or queueing failed unexpectedly.
+STATUS_PROCESSING_FAILURE = 0xC211
+#: Refused: SOP Class Not Supported — a storage SOP class other than MG.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+#: Transfer syntaxes accepted for every storage SOP class, in this order of preference
+#: (pynetdicom takes the first of the *requestor's* list that is here). Lossy ones are
+#: accepted too: a PACS may hold nothing else; the detector then sees lossy pixels.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000,
+    JPEGLSNearLossless,
+    HTJ2K,
+    JPEGExtended12Bit,
+    JPEGBaseline8Bit,
+)
+
+#: Largest PDU we accept (announced in the A-ASSOCIATE-AC). pynetdicom's default is
+#: 16 KiB; 128 KiB (DCMTK's own upper limit) lets senders use fewer, larger PDUs for
+#: images of tens of MB and stays within what common peers handle.
+MAX_PDU_SIZE = 128 * 1024
+
+_NATIVE_SYNTAXES = frozenset(
+    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+)
+_PIXEL_TAGS = {
+    0x7FE00010: "PixelData",
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM_TAG = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO: at most 64 characters
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+_RJ_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+_RJ_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+_RJ_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
+_RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
+
+
+class _RefusedError(Exception):
+    """A C-STORE answered with a failure status (an expected outcome, not a bug)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+@dataclass(frozen=True)
+class _PixelElement:
+    """Where the top-level pixel data element starts in the data set stream."""
+
+    tag: int
+    length: int
+    offset: int  # of the element's tag
+    header_bytes: int  # tag + VR + length fields
+
+
+class _HandshakeTimeoutContext(ssl.SSLContext):
+    """An SSLContext whose server-side handshake cannot block the accept loop forever.
+
+    pynetdicom wraps accepted sockets in the server's accept thread; a peer that
+    connects and stays silent would otherwise stall every other connection.
+    """
+
+    handshake_timeout: float = 30.0
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        previous = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout)
+        try:
+            wrapped = super().wrap_socket(sock, *args, **kwargs)
+        except (OSError, ValueError) as exc:
+            peer = _peer_of(sock)
+            logger.warning("association from %s rejected: TLS handshake failed (%s)", peer, exc)
+            sock.close()
+            raise
+        wrapped.settimeout(previous)
+        return wrapped
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def _status(status: int, comment: str | None = None) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    if comment:
+        text = " ".join(comment.split())
+        if len(text) > _ERROR_COMMENT_MAX:
+            text = text[: _ERROR_COMMENT_MAX - 1] + "…"
+        # LO is ISO 646 by default: keep the comment ASCII.
+        rsp.ErrorComment = text.encode("ascii", "replace").decode("ascii")
+    return rsp
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def _read_header(stream: BinaryIO, transfer_syntax: str) -> tuple[Dataset, _PixelElement | None]:
+    """Parse a data set up to (not including) its top-level pixel data element.
+
+    Returns the data set (raw elements, converted on access) and where the pixel data
+    element starts, or ``None`` when there is none. ``stream`` holds the data set as
+    received (no file meta); a deflated one must be inflated already.
+    """
+    found: list[_PixelElement] = []
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+
+    def at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if int(tag) not in _PIXEL_TAGS:
+            return False
+        # The generator stands just after the element header: tag 4 + length 4 bytes
+        # (implicit or short explicit), + VR 2 + reserved 2 for explicit OB/OW/OF/OD/UN.
+        header = 8 if implicit or vr not in EXPLICIT_VR_LENGTH_32 else 12
+        offset = stream.tell() - header
+        found.append(_PixelElement(int(tag), length, offset, header))
+        return True
+
+    try:
+        ds = read_dataset(stream, implicit, True, stop_when=at_pixels)
+    except Exception as exc:  # pydicom raises many types on a corrupt stream
+        raise InvalidImageError(f"unreadable data set: {type(exc).__name__}: {exc}") from None
+    return ds, (found[0] if found else None)
+
+
+def _check_pixel_element(
+    ds: Dataset, pixel: _PixelElement | None, stream: BinaryIO, total: int, transfer_syntax: str
+) -> None:
+    """The pixel data is there, whole, and encoded as the transfer syntax says."""
+    if pixel is None:
+        raise InvalidImageError("missing pixel data: no PixelData (or the data set is truncated)")
+    if pixel.tag != 0x7FE00010:
+        raise InvalidImageError(f"only {_PIXEL_TAGS[pixel.tag]}, which is not supported")
+    value_start = pixel.offset + pixel.header_bytes
+    available = total - value_start
+    if transfer_syntax in _NATIVE_SYNTAXES:
+        if pixel.length == _UNDEFINED_LENGTH:
+            raise InvalidImageError("encapsulated pixel data in an uncompressed transfer syntax")
+        bits = int(ds.BitsAllocated)
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * bits + 7) // 8
+        if pixel.length < expected or available < expected:
+            raise InvalidImageError(
+                f"truncated pixel data: {min(pixel.length, available)} of {expected} bytes"
+            )
+        return
+    if pixel.length != _UNDEFINED_LENGTH:
+        raise InvalidImageError(
+            f"native pixel data in a compressed transfer syntax ({_uid_name(transfer_syntax)})"
+        )
+    # Walk the items (Basic Offset Table, then fragments) without reading them.
+    position = value_start
+    items = fragments = 0
+    stream.seek(position)
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            raise InvalidImageError("truncated encapsulated pixel data (no sequence delimiter)")
+        group = int.from_bytes(head[0:2], "little")
+        element = int.from_bytes(head[2:4], "little")
+        length = int.from_bytes(head[4:8], "little")
+        tag = (group << 16) | element
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:
+            raise InvalidImageError("corrupt encapsulated pixel data (bad item tag)")
+        position += 8 + length
+        if position > total:
+            raise InvalidImageError("truncated encapsulated pixel data")
+        items += 1
+        if items > 1 and length:  # the first item is the Basic Offset Table
+            fragments += 1
+        stream.seek(position)
+    if fragments == 0:
+        raise InvalidImageError("encapsulated pixel data without any fragment")
+
+
+class StorageSCP:
+    """The node's DICOM listener: C-ECHO and C-STORE with an association policy.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``node`` (AE title, address, port, access control, limits, timeouts, TLS),
+        ``logging.pynetdicom_level``; ``storage.min_free_mb`` is enforced by ``store``.
+    store : FileStore
+        Where received instances are written.
+    database : Database
+        Where their jobs are queued.
+    port : int or None
+        Listen on this port instead of ``settings.node.port``; 0 lets the system pick a
+        free one (tests, benchmarks); read it back from :attr:`port` after :meth:`start`.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type.
+    ValueError
+        ``port`` outside 0..65535.
+
+    Notes
+    -----
+    Accepted: Verification; Digital Mammography X-Ray Image Storage For Presentation and
+    For Processing; every other storage SOP class pynetdicom knows is *accepted at the
+    association* and refused per instance with 0x0122, so a PACS that routes a whole
+    study sees a clear status for each non-mammogram instead of a failed association.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: FileStore,
+        database: Database,
+        port: int | None = None,
+    ) -> None:
+        if not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
+        if not isinstance(store, FileStore):
+            raise TypeError(f"store must be a FileStore, got {type(store).__name__}")
+        if not isinstance(database, Database):
+            raise TypeError(f"database must be a Database, got {type(database).__name__}")
+        if port is not None:
+            if isinstance(port, bool) or not isinstance(port, int):
+                raise TypeError(f"port must be an int or None, got {type(port).__name__}")
+            if not 0 <= port <= 65535:
+                raise ValueError(f"port must be in 0..65535, got {port}")
+        self._settings = settings
+        self._store = store
+        self._database = database
+        self._requested_port = settings.node.port if port is None else port
+        self._networks = settings.node.allowed_networks
+        self._calling = frozenset(settings.node.allowed_calling_aets)
+        self._ae: AE | None = None
+        self._server: Any = None
+        self._locks_guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        logging.getLogger("pynetdicom").setLevel(settings.logging.pynetdicom_level)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _make_ae(self) -> AE:
+        node = self._settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = MAX_PDU_SIZE
+        # Defence in depth: _on_requested enforces these first (and logs why); these
+        # pynetdicom checks only matter if that handler failed.
+        ae.require_called_aet = node.require_called_aet
+        ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        storage = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        for sop_class in (MG_FOR_PRESENTATION, MG_FOR_PROCESSING):
+            if sop_class not in storage:  # pragma: no cover - pynetdicom lists both
+                storage.append(sop_class)
+        for sop_class in storage:
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        tls = self._settings.node.tls
+        context = _HandshakeTimeoutContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+        if tls.ca_file is not None:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+        context.handshake_timeout = self._settings.node.acse_timeout_seconds
+        return context
+
+    def start(self) -> None:
+        """Start listening in background threads (returns at once).
+
+        Raises
+        ------
+        RuntimeError
+            Already started.
+        OSError
+            The address cannot be bound (port in use, no permission for port < 1024).
+        ssl.SSLError
+            The TLS certificate or key cannot be loaded.
+        """
+        if self._server is not None:
+            raise RuntimeError("the SCP is already started")
+        node = self._settings.node
+        context = self._ssl_context() if node.tls.enabled else None
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server(
+            (node.host, self._requested_port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=context,
+        )
+        self._ae = ae
+        logger.info(
+            "DICOM SCP %s listening on %s:%d (TLS %s, calling AEs %s, hosts %s, "
+            "max %d associations)",
+            node.ae_title,
+            node.host,
+            self.port,
+            "on" if context is not None else "off",
+            ", ".join(sorted(self._calling)) or "any",
+            ", ".join(str(n) for n in self._networks) or "any",
+            node.max_associations,
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the system's pick when started with port 0).
+
+        Raises
+        ------
+        RuntimeError
+            Not started.
+        """
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is listening."""
+        return self._server is not None
+
+    def stop(self) -> None:
+        """Abort active associations and stop listening; a no-op when not started."""
+        if self._server is None:
+            return
+        ae = self._ae
+        self._server = None
+        self._ae = None
+        if ae is not None:
+            ae.shutdown()
+        logger.info("DICOM SCP stopped")
+
+    def __enter__(self) -> StorageSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ associations
+
+    def _refusal(self, assoc: Any, calling: str, called: str) -> tuple[tuple[int, ...], str] | None:
+        node = self._settings.node
+        address = str(assoc.requestor.address)
+        if self._networks:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return _RJ_NO_REASON, f"source address {address!r} is not an IP address"
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not any(ip in net for net in self._networks):
+                return _RJ_NO_REASON, "source address not in node.allowed_hosts"
+        if self._calling and calling not in self._calling:
+            return _RJ_CALLING_AET, "calling AE title not in node.allowed_calling_aets"
+        if node.require_called_aet and called != node.ae_title:
+            return _RJ_CALLED_AET, f"called AE title is not {node.ae_title!r}"
+        active = [a for a in assoc.ae.active_associations if a.is_acceptor]
+        if len(active) > node.max_associations:
+            return _RJ_LIMIT, f"already {len(active) - 1} associations (max_associations)"
+        return None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        try:
+            primitive: Any = assoc.requestor.primitive
+            calling = str(primitive.calling_ae_title or "").strip()
+            called = str(primitive.called_ae_title or "").strip()
+            refusal = self._refusal(assoc, calling, called)
+        except Exception:
+            # Fail closed: an association we could not check is not accepted.
+            logger.exception("association request from %s could not be checked", _addr(assoc))
+            assoc.abort()
+            return
+        if refusal is None:
+            logger.debug("association from %s@%s accepted", calling, _addr(assoc))
+            return
+        rsd, reason = refusal
+        logger.warning(
+            "association rejected: %s (calling AE %r, called AE %r, from %s)",
+            reason,
+            calling,
+            called,
+            _addr(assoc),
+        )
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Only reached when pynetdicom's own checks reject (our handler did not).
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        logger.warning(
+            "association rejected by pynetdicom (result %s, source %s, diagnostic %s; "
+            "calling AE %r, from %s)",
+            getattr(rj, "result", "?"),
+            getattr(rj, "result_source", "?"),
+            getattr(rj, "diagnostic", "?"),
+            str(getattr(assoc.requestor, "ae_title", "")).strip(),
+            _addr(assoc),
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        logger.debug("C-ECHO from %s", _addr(event.assoc))
+        return STATUS_SUCCESS
+
+    # ------------------------------------------------------------------ C-STORE
+
+    @contextmanager
+    def _instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Serialise concurrent stores of one SOP instance (two associations, one UID)."""
+        with self._locks_guard:
+            lock, users = self._locks.get(sop_instance_uid, (threading.Lock(), 0))
+            self._locks[sop_instance_uid] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._locks_guard:
+                lock, users = self._locks[sop_instance_uid]
+                if users <= 1:
+                    del self._locks[sop_instance_uid]
+                else:
+                    self._locks[sop_instance_uid] = (lock, users - 1)
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        request = event.request
+        sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip() or "?"
+        try:
+            result = self._receive(event, sop_uid)
+        except _RefusedError as refusal:
+            log = logger.warning if refusal.status == STATUS_OUT_OF_RESOURCES else logger.info
+            log(
+                "C-STORE of SOP Instance %s from %s refused with 0x%04X: %s",
+                sop_uid,
+                _who(event.assoc),
+                refusal.status,
+                refusal.comment,
+            )
+            return _status(refusal.status, refusal.comment)
+        except Exception:
+            logger.exception("C-STORE of SOP Instance %s failed unexpectedly", sop_uid)
+            return _status(STATUS_PROCESSING_FAILURE, "internal error; see the node's log")
+        logger.info(
+            "stored SOP Instance %s from %s: job %d (%s)",
+            sop_uid,
+            _who(event.assoc),
+            result.job_id,
+            result.outcome,
+        )
+        return _status(STATUS_SUCCESS)
+
+    def _receive(self, event: evt.Event, sop_uid: str) -> EnqueueResult:
+        request: Any = event.request  # a C_STORE primitive
+        sop_class = str(request.AffectedSOPClassUID or "").strip()
+        transfer_syntax = str(event.context.transfer_syntax)
+        stream: BytesIO = request.DataSet
+        total = stream.getbuffer().nbytes
+        meta_bytes = encode_file_meta(event.file_meta)
+        size = len(_PREAMBLE) + len(meta_bytes) + total
+
+        # 1. Durability first: refuse while there is still room to refuse in.
+        try:
+            self._store.ensure_free_space(size)
+        except DiskFullError as exc:
+            raise _RefusedError(STATUS_OUT_OF_RESOURCES, "out of disk space") from exc
+
+        # 2. Only mammograms are processed.
+        if sop_class not in MG_SOP_CLASSES:
+            raise _RefusedError(
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                f"only MG images are accepted, not {_uid_name(sop_class)}",
+            )
+
+        # 3. The header (no pixel decoding).
+        ds = self._checked_header(event, stream, total, transfer_syntax, sop_class, sop_uid)
+        study_uid = str(ds.StudyInstanceUID).strip()
+        series_uid = str(ds.SeriesInstanceUID).strip()
+        calling = str(event.assoc.requestor.ae_title).strip()
+
+        # 4. + 5. File, then job; one SOP instance at a time.
+        def write(fh: BinaryIO) -> None:
+            fh.write(_PREAMBLE)
+            fh.write(meta_bytes)
+            fh.write(stream.getbuffer())
+
+        digest = hashlib.sha256()
+        digest.update(_PREAMBLE)
+        digest.update(meta_bytes)
+        digest.update(stream.getbuffer())
+        content_digest = digest.hexdigest()
+
+        with self._instance_lock(sop_uid):
+            stored, wrote = self._write(
+                study_uid, series_uid, sop_uid, write, size=size, digest=content_digest
+            )
+            try:
+                result = self._database.enqueue_image(
+                    sop_instance_uid=sop_uid,
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series_uid,
+                    sop_class_uid=sop_class,
+                    path=stored.relpath,
+                    digest=stored.digest,
+                    size=stored.size,
+                    calling_aet=calling[:16],
+                )
+            except BaseException:
+                if wrote:
+                    self._remove_quietly(stored.relpath, sop_uid)
+                raise
+            if result.obsolete_path is not None:
+                self._remove_quietly(result.obsolete_path, sop_uid)
+        return result
+
+    def _checked_header(
+        self,
+        event: evt.Event,
+        stream: BytesIO,
+        total: int,
+        transfer_syntax: str,
+        sop_class: str,
+        sop_uid: str,
+    ) -> Dataset:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            try:
+                inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.getbuffer())
+            except zlib.error as exc:
+                raise _RefusedError(
+                    STATUS_CANNOT_UNDERSTAND, f"bad deflate stream: {exc}"
+                ) from None
+            source: BytesIO = BytesIO(inflated)
+            source_total = len(inflated)
+        else:
+            source, source_total = stream, total
+        try:
+            source.seek(0)
+            ds, pixel = _read_header(source, transfer_syntax)
+            ds.file_meta = event.file_meta
+            data_class = str(ds.get("SOPClassUID", "") or "").strip()
+            if data_class and data_class != sop_class:
+                raise _RefusedError(
+                    STATUS_DATASET_MISMATCH,
+                    f"SOP Class UID {data_class} differs from the request's",
+                )
+            data_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+            if data_uid != sop_uid:
+                raise _RefusedError(
+                    STATUS_CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's"
+                )
+            check_mammogram_header(ds, require_pixel_data=False)
+            _check_pixel_element(ds, pixel, source, source_total, transfer_syntax)
+        except InvalidImageError as exc:
+            raise _RefusedError(STATUS_CANNOT_UNDERSTAND, str(exc)) from None
+        finally:
+            stream.seek(0)
+        return ds
+
+    def _write(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        write: Any,
+        *,
+        size: int,
+        digest: str,
+    ) -> tuple[StoredFile, bool]:
+        """Write the instance; returns the stored file and whether this call wrote it.
+
+        The usual path is ``instances/<study>/<series>/<sop>.dcm``. When a file is
+        already there (a re-send), identical bytes are not written again; different
+        bytes go to ``<sop>.<digest prefix>`` so that the earlier file — which a job may
+        still point at — survives until the database has switched over.
+        """
+        relpath = self._store.instance_path(study_uid, series_uid, sop_uid)
+        target = self._store.root / relpath
+        if target.is_file():
+            existing = _file_digest(target) if target.stat().st_size == size else None
+            if existing == digest:
+                return (
+                    StoredFile(relpath=relpath.as_posix(), path=target, digest=digest, size=size),
+                    False,
+                )
+            relpath = self._store.instance_path(
+                study_uid, series_uid, sop_uid, suffix="." + digest[:16]
+            )
+        try:
+            stored = self._store.write_atomic(relpath, write, expected_size=size)
+        except DiskFullError as exc:
+            raise _RefusedError(STATUS_OUT_OF_RESOURCES, "out of disk space") from exc
+        if stored.digest != digest:  # pragma: no cover - would be a bug or bad memory
+            self._remove_quietly(stored.relpath, sop_uid)
+            raise RuntimeError(f"digest of the written file of {sop_uid} does not match")
+        return stored, True
+
+    def _remove_quietly(self, relpath: str, sop_uid: str) -> None:
+        try:
+            self._store.remove(relpath)
+        except (OSError, ValueError) as exc:
+            logger.warning("could not remove %s (SOP Instance %s): %s", relpath, sop_uid, exc)
+
+
+def _file_digest(path: Any) -> str | None:
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                hasher.update(chunk)
+    except OSError:
+        return None
+    return hasher.hexdigest()
+
+
+def _addr(assoc: Any) -> str:
+    try:
+        return f"{assoc.requestor.address}:{assoc.requestor.port}"
+    except Exception:  # pragma: no cover - diagnostics only
+        return "?"
+
+
+def _who(assoc: Any) -> str:
+    return f"{str(assoc.requestor.ae_title).strip()}@{_addr(assoc)}"
