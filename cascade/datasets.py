@@ -156,8 +156,6 @@ def load_training_image(
             rr, cc = polygon(pts[:, 1], pts[:, 0], shape=(h, w))
             ignore[rr, cc] = True
         _draw_polyline(ignore, pts, margin_px)
-    if ignore.any():
-        ignore = ndimage.binary_dilation(ignore, iterations=round(margin_px))
     # A µC inside a vessel's margin stays a positive: the ignore mask only removes negatives.
     ignore &= ~positive
     return TrainingImage(

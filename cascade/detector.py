@@ -61,8 +61,10 @@ class Detection:
     def __post_init__(self) -> None:
         for name in ("x", "y", "score", "asn_score", "fpr_score", "radius_px"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
                 raise ValueError(f"Detection.{name} must be a finite number, got {value!r}")
+        if self.asn_score < 0:
+            raise ValueError(f"Detection.asn_score must be ≥ 0, got {self.asn_score}")
         if not 0.0 <= self.fpr_score <= 1.0:
             raise ValueError(f"Detection.fpr_score must lie in [0, 1], got {self.fpr_score}")
         if self.radius_px <= 0:

@@ -47,7 +47,13 @@ def extract_crops(
     """
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
-    centres_xy = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
+    centres_xy = np.asarray(centres_xy, dtype=np.float64)
+    if centres_xy.size == 0:
+        centres_xy = centres_xy.reshape(0, 2)
+    if centres_xy.ndim != 2 or centres_xy.shape[1] != 2:
+        raise ValueError(f"centres_xy must have shape (N, 2) as (x, y), got {centres_xy.shape}")
+    if not np.all(np.isfinite(centres_xy)):
+        raise ValueError("centres_xy must be finite")
     if size < 2:
         raise ValueError(f"size must be ≥ 2, got {size}")
     n = len(centres_xy)
@@ -60,8 +66,8 @@ def extract_crops(
     rows = np.rint(centres_xy[:, 1]).astype(np.int64)
     h, w = image.shape
     # Centres far outside the image would index past the padding: clamp them to it.
-    rows = np.clip(rows, -half, h + half - 1)
-    cols = np.clip(cols, -half, w + half - 1)
+    rows = np.clip(rows, half - size, h + half)
+    cols = np.clip(cols, half - size, w + half)
     for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
         r0, c0 = r - half + size, c - half + size
         out[i] = padded[r0 : r0 + size, c0 : c0 + size]

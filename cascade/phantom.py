@@ -89,7 +89,9 @@ SMALL_FIELD_MM = (100.0, 70.0)  # rows (height) × columns (width)
 SKIN_MM = 0.75
 
 #: µC peak contrast after aperture and blur: log-normal median / σ_ln, truncated.
-CONTRAST_MEDIAN = 0.10
+CONTRAST_MEDIAN = 0.15
+#: Peak contrast grows with size (a thicker calcification absorbs more): ∝ (d / 0.28 mm)^k.
+CONTRAST_SIZE_EXPONENT = 0.5
 CONTRAST_SIGMA_LN = 0.55
 CONTRAST_RANGE = (0.03, 0.25)
 #: µC diameter: log-normal, σ_ln 0.5, median drawn per image, truncated to 0.1–1 mm.
@@ -105,7 +107,7 @@ LINEAR_COUNT = (8, 21)
 #: The power law flattens for periods longer than this (mm): structure up to breast size.
 TEXTURE_LOWEST_PERIOD_MM = 150.0
 #: Weight of the soft-thresholded (two-phase) part of the tissue field.
-THRESHOLD_WEIGHT = 0.45
+THRESHOLD_WEIGHT = 0.2
 #: Largest weight of the clustered lumpy component in the tissue field.
 LUMPY_MAX = 0.3
 VASCULAR_FRACTION = 0.25
@@ -480,6 +482,13 @@ def _truncated_lognormal(
         if lo <= v <= hi:
             return v
     return float(min(max(median, lo), hi))
+
+
+def _uc_contrast(rng: np.random.Generator, diameter_mm: float) -> float:
+    """Target post-blur peak contrast of a µC: log-normal, larger for larger µCs, truncated."""
+    base = _truncated_lognormal(rng, CONTRAST_MEDIAN, CONTRAST_SIGMA_LN, 0.0, math.inf)
+    scaled = base * (diameter_mm / 0.28) ** CONTRAST_SIZE_EXPONENT
+    return float(np.clip(scaled, *CONTRAST_RANGE))
 
 
 def _solve_mu(contrast_of: Callable[[float], float], target: float) -> tuple[float, float]:
@@ -1282,7 +1291,7 @@ def render_image(
     ratio = float(rng.uniform(1.2, 1.5))
     lumpy_w = float(rng.uniform(0.0, LUMPY_MAX))
     z = _texture(rng, geo, beta, ratio, lumpy_w)
-    s_g = float(rng.uniform(0.15, 0.25))
+    s_g = float(rng.uniform(0.10, 0.18))
     # Glandular fraction: denser centrally, a subcutaneous fat layer near the skin.
     rho_c = np.clip(1.0 - geo.e_c / max(geo.e_c.max(), 1.0), 0, 1)
     fat_layer = float(rng.uniform(3.0, 10.0))
@@ -1453,7 +1462,7 @@ def _render_calcifications(
             dia = _truncated_lognormal(rng, med, DIAMETER_SIGMA_LN, *DIAMETER_RANGE)
             if not free(x, y, dia):
                 continue
-            target = _truncated_lognormal(rng, CONTRAST_MEDIAN, CONTRAST_SIGMA_LN, *CONTRAST_RANGE)
+            target = _uc_contrast(rng, dia)
             uc = _render_uc(rng, canvas, x, y, dia, target)
             if uc is None:
                 continue
@@ -1476,9 +1485,7 @@ def _render_calcifications(
             x, y = _random_point(rng, geo, min_edge_mm=4.0)
             dia = _truncated_lognormal(rng, med, DIAMETER_SIGMA_LN, *DIAMETER_RANGE)
             if free(x, y, dia):
-                target = _truncated_lognormal(
-                    rng, CONTRAST_MEDIAN, CONTRAST_SIGMA_LN, *CONTRAST_RANGE
-                )
+                target = _uc_contrast(rng, dia)
                 uc = _render_uc(rng, canvas, x, y, dia, target)
                 if uc is not None:
                     placed.append((x, y, dia))

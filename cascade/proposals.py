@@ -166,6 +166,8 @@ def residual_map(
         raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
     if tile % 8 or tile <= 2 * overlap:
         raise ValueError(f"tile must be a multiple of 8 larger than 2·overlap, got {tile}")
+    if overlap % 8 or overlap < 0:
+        raise ValueError(f"overlap must be a non-negative multiple of 8, got {overlap}")
     h, w = image.shape
     out = np.zeros((h, w), np.float32)
     if mask is not None:
@@ -178,6 +180,9 @@ def residual_map(
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     else:
         r0, r1, c0, c1 = 0, h, 0, w
+    # Keep every tile on the U-Net's pooling grid (multiples of 8 from the image origin),
+    # so the map does not depend on where the breast's bounding box starts.
+    r0, c0 = r0 - r0 % 8, c0 - c0 % 8
     was_training = model.training
     model.eval()
     step = tile - 2 * overlap
@@ -229,6 +234,16 @@ def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
         labels=labels,
         exclude_border=False,
     )
+    # Peaks joined by pixels within 1e-3 of their height are one plateau: one marker.
+    if len(peaks):
+        heights = smooth[tuple(peaks.T)]
+        top = np.zeros_like(binary)
+        for (r, c), hgt in zip(peaks, heights, strict=True):
+            top |= (smooth >= hgt - 1e-3) & (labels == labels[r, c])
+        top_lab = label(top, connectivity=2)
+        peak_ids = top_lab[tuple(peaks.T)]
+        ids = np.unique(peak_ids)
+        peaks = peaks[[int(np.flatnonzero(peak_ids == i)[0]) for i in ids]]
     markers = np.zeros_like(labels)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # Components without a peak (flat plateaus) keep one marker at their maximum.

@@ -409,7 +409,11 @@ class FprTrainConfig:
 
 FPR_PRESETS: dict[str, FprTrainConfig] = {
     "tiny": FprTrainConfig(
-        model_config={"width": 4, "input_size": 56}, epochs=1, batch_size=16, val_images=2
+        model_config={"width": 4, "input_size": 56},
+        epochs=1,
+        batch_size=16,
+        val_images=2,
+        proposal={"max_candidates": 20},
     ),
     "cpu": FprTrainConfig(model_config={"width": 16, "input_size": 56}, epochs=6),
     "paper": FprTrainConfig(

@@ -1,0 +1,385 @@
+"""Behaviour of cascade.train end to end on a few small phantoms, and of the trained Detector.
+
+A module-scoped fixture renders 4 small phantoms and trains the "tiny" ASN preset once on
+the 2 that have µCs (≈ 30 s on 2 CPU cores); the tiny FPR (at most 20 candidates per
+image, else it takes minutes) and detection run on top of it. Detections are
+in the received grid: x = column, y = row, 0-based, first pixel's centre at (0, 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascade._version import __version__
+from cascade.checkpoint import checkpoint_sha256, load_checkpoint
+from cascade.detector import Detector
+from cascade.errors import CheckpointError, TrainingError
+from cascade.manifest import read_manifest, write_manifest
+from cascade.phantom import generate_dataset
+from cascade.train import (
+    ASN_PRESETS,
+    FPR_PRESETS,
+    AsnTrainConfig,
+    FprTrainConfig,
+    preset,
+    resolve_device,
+    split_records,
+    train_asn,
+    train_fpr,
+)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantoms that have µCs (fewer images: faster loading)."""
+    recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
+    assert recs, "the phantom set has no µC"
+    return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", recs)
+
+
+@pytest.fixture(scope="module")
+def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("asn")
+    torch.set_num_threads(2)
+    best = train_asn(
+        manifest=small_manifest,
+        out=out,
+        config=ASN_PRESETS["tiny"],
+        val_manifest=small_manifest,
+        device="cpu",
+        progress=False,
+    )
+    assert best == out / "best.pt"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fpr")
+    best = train_fpr(
+        manifest=small_manifest,
+        asn_checkpoint=asn_run / "best.pt",
+        out=out,
+        config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
+        val_manifest=small_manifest,
+        device="cpu",
+        progress=False,
+    )
+    assert best == out / "best.pt"
+    return out
+
+
+# ----------------------------------------------------------------------------- ASN
+
+
+@pytest.mark.slow
+def test_train_asn_writes_best_last_and_history(asn_run: Path) -> None:
+    assert (asn_run / "best.pt").is_file()
+    assert (asn_run / "last.pt").is_file()
+    history = json.loads((asn_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]  # the tiny preset: 2 epochs
+    for h in history:
+        assert np.isfinite(h["loss"])
+        assert h["train_seconds"] > 0
+        # Validation on 2 images: proposal recall at k false positives per image.
+        assert h["val"]["n_images"] == 2
+        # Keyed as train_asn looks them up to pick best.pt ("10" for R@10).
+        assert set(h["val"]["recall_at"]) == {"5", "10", "15", "20", "30"}
+        assert all(0.0 <= v <= 1.0 for v in h["val"]["recall_at"].values())
+    # best.pt is the epoch with the best R@10 (the first one on ties).
+    r10 = [h["val"]["recall_at"].get("10", -1.0) for h in history]
+    best = load_checkpoint(asn_run / "best.pt", kind="asn")
+    assert best.meta["metrics"]["epoch"] == history[int(np.argmax(r10))]["epoch"]
+
+
+@pytest.mark.slow
+def test_asn_checkpoint_describes_itself(asn_run: Path) -> None:
+    ck = load_checkpoint(asn_run / "last.pt", kind="asn")
+    meta = ck.meta
+    assert meta["kind"] == "asn"
+    assert meta["model_name"] == "asn_unet"
+    assert meta["model_config"]["width"] == 4
+    assert meta["architecture"]["builder"] == "asn_unet"
+    assert meta["architecture"]["config"]["width"] == 4
+    assert meta["preprocessing"]["pixel_spacing_mm"] == pytest.approx(0.07)
+    assert meta["preprocessing"]["patch_size"] == 64
+    assert meta["preprocessing"]["map_kind"] == "residual"
+    assert meta["preprocessing"]["residual"] == "l1"
+    training = meta["training"]
+    assert training["loss"] == "ttest"
+    assert (training["epochs"], training["batch_size"], training["patch_size"]) == (2, 4, 64)
+    assert training["beta"] == pytest.approx(0.8)
+    assert training["calcnode_version"] == __version__
+    assert meta["calcnode_version"] == __version__
+    assert meta["data"]["train_images"] == 2
+    assert meta["metrics"]["epoch"] == 2
+    # last.pt can resume: optimizer state and progress (0-based epoch index).
+    assert ck.optimizer_state is not None
+    assert ck.progress is not None and ck.progress["epoch"] == 1
+    # The rebuilt model runs: (B, 1, H, W) → (B, 1, H, W) in [0, 1].
+    y = ck.model(torch.rand(1, 1, 64, 64))
+    assert tuple(y.shape) == (1, 1, 64, 64)
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+@pytest.mark.slow
+def test_best_asn_checkpoint_is_weights_only(asn_run: Path) -> None:
+    ck = load_checkpoint(asn_run / "best.pt", kind="asn")
+    assert ck.optimizer_state is None
+    assert ck.meta["metrics"]["epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_train_asn_resumes_at_the_next_epoch(
+    small_manifest: Path, asn_run: Path, tmp_path: Path
+) -> None:
+    before = json.loads((asn_run / "history.json").read_text())
+    config = replace(ASN_PRESETS["tiny"], epochs=3)
+    train_asn(
+        manifest=small_manifest,
+        out=tmp_path,
+        config=config,
+        val_manifest=small_manifest,
+        resume=asn_run / "last.pt",
+        device="cpu",
+        progress=False,
+    )
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # only epoch 3 was trained
+    assert history[:2] == before
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck.progress is not None and ck.progress["epoch"] == 2
+    # Resuming moved the weights on from the checkpoint it started from.
+    start = load_checkpoint(asn_run / "last.pt").model.state_dict()
+    end = ck.model.state_dict()
+    assert any(not torch.equal(start[k], end[k]) for k in start if start[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_train_asn_refuses_to_resume_from_a_weights_only_checkpoint(
+    small_manifest: Path, asn_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(TrainingError, match="optimizer state"):
+        train_asn(
+            manifest=small_manifest,
+            out=tmp_path,
+            config=replace(ASN_PRESETS["tiny"], epochs=3),
+            resume=asn_run / "best.pt",
+            device="cpu",
+            progress=False,
+        )
+
+
+@pytest.mark.slow
+def test_train_asn_stops_on_a_non_finite_loss(
+    small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cascade.train as train_mod
+
+    def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(train_mod, "get_loss", lambda name, **cfg: nan_loss)
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train_asn(
+            manifest=small_manifest,
+            out=tmp_path,
+            config=ASN_PRESETS["tiny"],
+            device="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_train_asn_with_an_absurd_learning_rate_raises_training_error(
+    small_manifest: Path, tmp_path: Path
+) -> None:
+    config = replace(ASN_PRESETS["tiny"], lr=1e30, epochs=3, iterations_per_epoch=5)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train_asn(
+            manifest=small_manifest, out=tmp_path, config=config, device="cpu", progress=False
+        )
+
+
+# ----------------------------------------------------------------------------- FPR
+
+
+@pytest.mark.slow
+def test_train_fpr_on_top_of_the_asn_writes_a_self_describing_checkpoint(
+    fpr_run: Path, asn_run: Path
+) -> None:
+    assert (fpr_run / "last.pt").is_file()
+    history = json.loads((fpr_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert np.isfinite(history[0]["loss"])
+    ck = load_checkpoint(fpr_run / "best.pt", kind="fpr")
+    meta = ck.meta
+    assert meta["model_name"] == "fpr_resnet50"
+    assert meta["model_config"] == {"width": 4, "input_size": 56}
+    assert meta["preprocessing"]["crop_size"] == 56
+    assert meta["preprocessing"]["input_size"] == 56
+    assert meta["data"]["crops"] > meta["data"]["positive_crops"] > 0
+    assert meta["data"]["asn_checkpoint"] == str(asn_run / "best.pt")
+    # The FPR records which ASN produced its candidates.
+    assert meta["data"]["asn_sha256"] == checkpoint_sha256(asn_run / "best.pt")
+    p = torch.sigmoid(ck.model(torch.rand(3, 1, 56, 56)))
+    assert tuple(p.shape) == (3, 1)
+
+
+@pytest.mark.slow
+def test_train_fpr_rejects_an_fpr_checkpoint_as_its_asn(
+    small_manifest: Path, fpr_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises((TrainingError, CheckpointError)):
+        train_fpr(
+            manifest=small_manifest,
+            asn_checkpoint=fpr_run / "best.pt",
+            out=tmp_path,
+            config=FPR_PRESETS["tiny"],
+            device="cpu",
+            progress=False,
+        )
+
+
+# ----------------------------------------------------------------------------- Detector
+
+
+@pytest.mark.slow
+def test_detector_detects_inside_the_received_image(
+    small_manifest: Path, asn_run: Path, fpr_run: Path
+) -> None:
+    rec = read_manifest(small_manifest)[0]
+    det = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu")
+    result = det.detect(rec.path)
+    assert result.sop_instance_uid == rec.sop_instance_uid
+    assert (result.rows, result.columns) == (rec.rows, rec.columns)
+    assert result.pixel_spacing_mm == pytest.approx(rec.pixel_spacing_mm)
+    assert result.path == str(rec.path)
+    assert len(result.detections) <= det.proposal.max_candidates
+    scores = [d.score for d in result.detections]
+    assert scores == sorted(scores, reverse=True)
+    for d in result.detections:
+        assert 0.0 <= d.x <= rec.columns - 1 and 0.0 <= d.y <= rec.rows - 1
+        assert d.score == pytest.approx(d.asn_score * d.fpr_score)
+        assert 0.0 <= d.fpr_score <= 1.0
+        assert d.mask is not None and d.mask.any()
+        r0, c0 = d.mask_origin
+        assert r0 >= 0 and c0 >= 0
+        assert r0 + d.mask.shape[0] <= rec.rows and c0 + d.mask.shape[1] <= rec.columns
+    full = result.full_mask()
+    assert full.shape == (rec.rows, rec.columns)
+    assert json.loads(json.dumps(result.to_json())) == result.to_json()
+
+
+@pytest.mark.slow
+def test_detector_without_fpr_gives_asn_proposals_with_fpr_score_one(
+    small_manifest: Path, asn_run: Path
+) -> None:
+    rec = read_manifest(small_manifest)[0]
+    result = Detector(asn_run / "best.pt", device="cpu").detect(rec.path)
+    assert all(d.fpr_score == 1.0 for d in result.detections)
+    assert all(d.score == pytest.approx(d.asn_score) for d in result.detections)
+
+
+@pytest.mark.slow
+def test_detector_min_score_drops_low_scores(small_manifest: Path, asn_run: Path) -> None:
+    rec = read_manifest(small_manifest)[0]
+    all_dets = Detector(asn_run / "best.pt", device="cpu").detect(rec.path).detections
+    if len(all_dets) < 2:
+        pytest.skip("the tiny ASN proposed fewer than 2 candidates")
+    cut = all_dets[len(all_dets) // 2].score
+    kept = Detector(asn_run / "best.pt", device="cpu", min_score=cut).detect(rec.path).detections
+    assert len(kept) >= 1
+    assert all(d.score >= cut for d in kept)
+    assert len(kept) == sum(d.score >= cut for d in all_dets)
+
+
+@pytest.mark.slow
+def test_detector_model_version_names_both_checkpoints(asn_run: Path, fpr_run: Path) -> None:
+    det = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu")
+    asn_sha = checkpoint_sha256(asn_run / "best.pt")
+    fpr_sha = checkpoint_sha256(fpr_run / "best.pt")
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}", det.model_version)
+    assert det.model_version == f"{asn_sha[:12]}-{fpr_sha[:12]}"
+
+
+@pytest.mark.slow
+def test_detector_rejects_an_fpr_checkpoint_as_the_asn(fpr_run: Path) -> None:
+    with pytest.raises(CheckpointError):
+        Detector(fpr_run / "best.pt", device="cpu")
+
+
+@pytest.mark.slow
+def test_detector_rejects_an_asn_checkpoint_as_the_fpr(asn_run: Path) -> None:
+    with pytest.raises(CheckpointError):
+        Detector(asn_run / "best.pt", asn_run / "best.pt", device="cpu")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_resolve_device_auto_is_cpu_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(TrainingError, match="CUDA"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"loss": "l1"}, "loss"),
+        ({"epochs": 0}, "epochs"),
+        ({"iterations_per_epoch": 0}, "iterations_per_epoch"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+    ],
+)
+def test_asn_train_config_rejects_invalid_values(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        AsnTrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr")],
+)
+def test_fpr_train_config_rejects_invalid_values(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        FprTrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_presets_tiny_cpu_and_paper_exist_and_preset_overrides() -> None:
+    assert set(ASN_PRESETS) >= {"tiny", "cpu", "paper"}
+    assert set(FPR_PRESETS) >= {"tiny", "cpu", "paper"}
+    assert FPR_PRESETS["paper"].model_config["input_size"] == 224
+    cfg = preset("cpu", beta=0.3)
+    assert cfg.beta == 0.3 and cfg.model_config == ASN_PRESETS["cpu"].model_config
+    with pytest.raises(ValueError, match="preset"):
+        preset("huge")
+
+
+@pytest.mark.slow
+def test_split_records_splits_by_study_deterministically(phantoms: Path) -> None:
+    recs = read_manifest(phantoms)
+    train, val = split_records(recs, seed=0)
+    assert len(train) + len(val) == len(recs)
+    train_studies = {r.study_instance_uid for r in train}
+    assert not train_studies & {r.study_instance_uid for r in val}
+    assert split_records(recs, seed=0) == (train, val)
