@@ -27,6 +27,10 @@ def _configure_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # Codec plugins log every tile at INFO; keep them quiet unless debugging.
+    if verbosity < 2:
+        for name in ("openjpeg", "libjpeg", "pylibjpeg", "rle"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------- phantom
@@ -297,6 +301,94 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.set_defaults(func=_cmd_evaluate)
 
 
+# --------------------------------------------------------------------------- node
+def _settings(args: argparse.Namespace, **overrides: object):  # type: ignore[no-untyped-def]
+    from node.settings import load_settings
+
+    return load_settings(
+        args.config, overrides={k: v for k, v in overrides.items() if v is not None}
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import serve
+
+    settings = _settings(args, **{"worker.count": args.workers, "model.device": args.device})
+    return serve(settings, workers=args.workers)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from node.worker import run_worker
+
+    settings = _settings(args, **{"model.device": args.device})
+    return run_worker(settings, device=args.device)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.service import format_status, status
+
+    info = status(_settings(args))
+    print(json.dumps(info, indent=1, default=str) if args.json else format_status(info))
+    return 0
+
+
+def _cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from node.service import retry_job
+
+    info = retry_job(_settings(args), args.job_id)
+    print(f"job {args.job_id} queued again: {info}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def _add_node(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    def config(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--config",
+            type=Path,
+            help="TOML configuration (default: built-in "
+            "defaults; $CALCNODE_CONFIG); conf.d/*.toml beside it are read too",
+        )
+
+    p = sub.add_parser("serve", help="run the node: SCP, scheduler and worker processes")
+    config(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default worker.count; 0 when workers run as their own units)",
+    )
+    p.add_argument("--device", help="model device for the workers: auto | cpu | cuda:N")
+    p.set_defaults(func=_cmd_serve)
+
+    w = sub.add_parser("worker", help="run one worker process (claims jobs, runs the cascade)")
+    config(w)
+    w.add_argument("--device", help="auto | cpu | cuda | cuda:N (default model.device)")
+    w.set_defaults(func=_cmd_worker)
+
+    st = sub.add_parser("status", help="queue, studies, sends and recent errors")
+    config(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_cmd_status)
+
+    j = sub.add_parser("jobs", help="administer jobs")
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jr = jsub.add_parser("retry", help="queue a failed job again (attempts reset)")
+    config(jr)
+    jr.add_argument("job_id", type=int, metavar="ID")
+    jr.set_defaults(func=_cmd_jobs_retry)
+
+    d = sub.add_parser("demo", help="end-to-end showcase on phantom studies (make demo)")
+    d.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder")
+    d.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``calcnode`` with all sub-commands."""
     parser = argparse.ArgumentParser(
@@ -307,7 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calcnode {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_phantom, _add_dataset, _add_train, _add_detect, _add_evaluate):
+    for add in (
+        _add_phantom,
+        _add_dataset,
+        _add_train,
+        _add_detect,
+        _add_evaluate,
+        _add_node,
+    ):
         add(sub)
     return parser
 
