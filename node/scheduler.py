@@ -1,0 +1,469 @@
+"""The node's periodic jobs: study completion, sends, lease recovery, retention.
+
+Each job is a plain function of ``(database, store, settings, *, now=None)`` that tests
+call directly with an injected ``now``; :class:`NodeScheduler` runs them on an
+APScheduler 3 ``BackgroundScheduler`` at the intervals of ``[scheduler]``. Every job
+catches and logs its own exceptions: one bad study or a dead PACS never stops the
+scheduler.
+
+Study completion (the quiet-period rule)
+    DICOM has no end-of-study signal. A study is complete ``study.quiet_seconds`` after
+    its last received image, once every image's job is done or failed
+    (:meth:`Database.due_studies`). Then the study-level objects enabled in
+    ``outputs.kinds`` are made from the source headers (read without pixel data) and
+    the detections stored in the jobs' results:
+
+    * ``cad-sr`` — Mammography CAD SR (TID 4000), also for a study without findings
+      (111241 "All algorithms succeeded; without findings");
+    * ``tid1500-sr`` — TID 1500 measurement report.
+
+    ``version`` is the study's report version: 1 the first time; an image that arrives
+    after the report re-opens the study and the next report is version 2, a new
+    instance in the same series (one series per study and kind). Images whose job
+    failed are left out of the report (logged). Per-image objects of done jobs are
+    queued for sending again (idempotent) in case a worker died between completing its
+    job and queueing its sends.
+
+    When one SR kind cannot be built the other still goes out (the error is logged);
+    a study for which no SR can be built at all is retried with a growing delay (in memory:
+    from 1 check interval up to an hour) rather than every few seconds forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from cascade.detector import ImageDetections
+from node.reports.common import MG_SOP_CLASS_UIDS, Provenance
+from node.settings import Settings
+from node.worker import ALGORITHM_NAME, detections_from_json, encode_dataset, series_uid_for
+from storage.filestore import FileStore
+from storage.models import utcnow
+from storage.queue import Database, JobInfo, StudyDue
+
+__all__ = [
+    "STUDY_KINDS",
+    "NodeScheduler",
+    "ReportFailures",
+    "complete_studies",
+    "purge_retention",
+    "recover_leases",
+    "report_study",
+    "send_results",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Output kinds made once per study (the per-image ones are the worker's).
+STUDY_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr")
+
+
+@dataclass
+class ReportFailures:
+    """In-memory back-off of studies whose report failed: uid → (failures, next try)."""
+
+    base_seconds: float = 5.0
+    cap_seconds: float = 3600.0
+    entries: dict[str, tuple[int, dt.datetime]] = field(default_factory=dict)
+
+    def blocked(self, uid: str, now: dt.datetime) -> bool:
+        entry = self.entries.get(uid)
+        return entry is not None and now < entry[1]
+
+    def failed(self, uid: str, now: dt.datetime) -> dt.datetime:
+        count = self.entries.get(uid, (0, now))[0] + 1
+        delay = min(self.cap_seconds, self.base_seconds * 2.0 ** (count - 1))
+        retry_at = now + dt.timedelta(seconds=delay)
+        self.entries[uid] = (count, retry_at)
+        return retry_at
+
+    def succeeded(self, uid: str) -> None:
+        self.entries.pop(uid, None)
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return utcnow() if now is None else now
+
+
+def _provenance_of(jobs: Iterable[JobInfo]) -> Provenance | None:
+    """The provenance stored by the worker in the latest done job of the study."""
+    latest: tuple[dt.datetime, dict[str, Any]] | None = None
+    seen: set[str] = set()
+    for job in jobs:
+        prov = (job.result or {}).get("provenance")
+        if not isinstance(prov, dict):
+            continue
+        seen.add(str(prov.get("device_uid")))
+        if latest is None or job.updated_at > latest[0]:
+            latest = (job.updated_at, prov)
+    if latest is None:
+        return None
+    if len(seen) > 1:
+        logger.warning(
+            "images of one study were processed by %d different models; the report names "
+            "the latest",
+            len(seen),
+        )
+    prov = latest[1]
+    return Provenance(
+        algorithm_name=str(prov.get("algorithm_name") or ALGORITHM_NAME),
+        algorithm_version=str(prov["algorithm_version"]),
+        model_version=str(prov["model_version"]),
+        device_uid=str(prov["device_uid"]),
+    )
+
+
+def _study_pairs(
+    store: FileStore, jobs: list[JobInfo]
+) -> tuple[list[tuple[Dataset, ImageDetections]], list[JobInfo]]:
+    """(source header, detections) of every done job; and the jobs left out."""
+    pairs: list[tuple[Dataset, ImageDetections]] = []
+    left_out: list[JobInfo] = []
+    for job in jobs:
+        if job.state != "done" or not isinstance((job.result or {}).get("detections"), dict):
+            left_out.append(job)
+            continue
+        if job.sop_class_uid not in MG_SOP_CLASS_UIDS:
+            left_out.append(job)
+            continue
+        # The SRs need the header only (UIDs, rows/columns, laterality, view, spacing).
+        source = pydicom.dcmread(store.resolve(job.path), stop_before_pixels=True)
+        pairs.append((source, detections_from_json(job.result["detections"])))  # type: ignore[index]
+    return pairs, left_out
+
+
+def _destinations_for(settings: Settings, kind: str) -> list[str]:
+    return [d.name for d in settings.destinations if kind in settings.destination_kinds(d)]
+
+
+def report_study(
+    database: Database,
+    store: FileStore,
+    settings: Settings,
+    due: StudyDue,
+    *,
+    now: dt.datetime | None = None,
+) -> list[dict[str, str]]:
+    """Make, store and queue the study-level objects of one due study; mark it reported.
+
+    Returns
+    -------
+    list of dict
+        The objects made: ``{"kind", "path", "sop_class_uid", "sop_instance_uid"}``.
+    """
+    from node.reports.cad_sr import build_cad_sr
+    from node.reports.tid1500 import build_tid1500_sr
+
+    uid = due.study_instance_uid
+    jobs = database.study_jobs(uid)
+    pairs, left_out = _study_pairs(store, jobs)
+    for job in left_out:
+        logger.warning(
+            "study %s: image %s (job %d, %s) is not in the report",
+            uid,
+            job.sop_instance_uid,
+            job.job_id,
+            job.state,
+        )
+    made: list[dict[str, str]] = []
+    provenance = _provenance_of(jobs)
+    if not pairs or provenance is None:
+        logger.error(
+            "study %s: no image was processed successfully (%d failed); no report made",
+            uid,
+            due.failed_count,
+        )
+    else:
+        builders: dict[str, Callable[..., Dataset]] = {
+            "cad-sr": lambda **kw: build_cad_sr(
+                legacy_srt_codes=settings.outputs.legacy_srt_codes, **kw
+            ),
+            "tid1500-sr": build_tid1500_sr,
+        }
+        errors: dict[str, Exception] = {}
+        for kind in STUDY_KINDS:
+            if kind not in settings.outputs.kinds:
+                continue
+            try:
+                ds = builders[kind](
+                    study=pairs,
+                    provenance=provenance,
+                    series_instance_uid=series_uid_for(uid, kind),
+                    sop_instance_uid=generate_uid(prefix=None),
+                    version=due.version,
+                )
+            except Exception as exc:
+                logger.exception("study %s: building the %s failed", uid, kind)
+                errors[kind] = exc
+                continue
+            sop_uid = str(ds.SOPInstanceUID)
+            stored = store.write_atomic(
+                store.result_path(uid, f"{kind}-{sop_uid}.dcm"), encode_dataset(ds)
+            )
+            made.append(
+                {
+                    "kind": kind,
+                    "path": stored.relpath,
+                    "sop_class_uid": str(ds.SOPClassUID),
+                    "sop_instance_uid": sop_uid,
+                }
+            )
+            logger.info("study %s: %s %s version %d", uid, kind, sop_uid, due.version)
+        if errors and not made:
+            # Nothing could be built: leave the study open (retried with back-off).
+            raise next(iter(errors.values()))
+    # Per-image objects of done jobs, again: add_send is idempotent, and this covers a
+    # worker that died between completing its job and queueing its sends.
+    objects = list(made)
+    for job in jobs:
+        if job.state == "done":
+            objects += [o for o in (job.result or {}).get("objects", []) if isinstance(o, dict)]
+    when = _now(now)
+    queued = 0
+    for obj in objects:
+        for dest in _destinations_for(settings, obj["kind"]):
+            database.add_send(
+                destination=dest,
+                object_path=obj["path"],
+                sop_class_uid=obj["sop_class_uid"],
+                sop_instance_uid=obj["sop_instance_uid"],
+                study_instance_uid=uid,
+                kind=obj["kind"],
+                now=when,
+            )
+            queued += 1
+    database.mark_study_reported(uid, due.version, generation=due.generation, now=when)
+    logger.info(
+        "study %s: report version %d, %d image(s), %d object(s) made, %d send(s) ensured",
+        uid,
+        due.version,
+        len(pairs),
+        len(made),
+        queued,
+    )
+    return made
+
+
+def complete_studies(
+    database: Database,
+    store: FileStore,
+    settings: Settings,
+    *,
+    now: dt.datetime | None = None,
+    failures: ReportFailures | None = None,
+) -> int:
+    """Report every study that has gone quiet (see the module docstring).
+
+    Returns
+    -------
+    int
+        Studies reported in this run.
+    """
+    when = _now(now)
+    try:
+        due = database.due_studies(quiet_seconds=settings.study.quiet_seconds, now=when)
+    except Exception:
+        logger.exception("study completion: cannot list due studies")
+        return 0
+    reported = 0
+    for study in due:
+        uid = study.study_instance_uid
+        if failures is not None and failures.blocked(uid, when):
+            continue
+        try:
+            report_study(database, store, settings, study, now=when)
+        except Exception:
+            logger.exception("study %s: report version %d failed", uid, study.version)
+            if failures is not None:
+                retry_at = failures.failed(uid, when)
+                logger.warning("study %s: next report attempt at %s", uid, retry_at.isoformat())
+            continue
+        if failures is not None:
+            failures.succeeded(uid)
+        reported += 1
+    return reported
+
+
+def send_results(
+    database: Database, store: FileStore, settings: Settings, *, now: dt.datetime | None = None
+) -> int:
+    """C-STORE every due send (new or retry) through :func:`node.scu.send_due`.
+
+    Returns
+    -------
+    int
+        What :func:`node.scu.send_due` returns (sends tried); 0 on an error (logged).
+    """
+    if not settings.destinations:
+        return 0
+    try:
+        from node.scu import send_due
+
+        return int(send_due(database, store, settings, now=now))
+    except Exception:
+        logger.exception("sending results failed")
+        return 0
+
+
+def recover_leases(database: Database, *, now: dt.datetime | None = None) -> list[int]:
+    """Return jobs whose worker died or hung to the queue (or fail them); ids recovered."""
+    try:
+        return database.recover_expired_leases(now=now)
+    except Exception:
+        logger.exception("lease recovery failed")
+        return []
+
+
+def purge_retention(
+    database: Database, store: FileStore, settings: Settings, *, now: dt.datetime | None = None
+) -> int:
+    """Delete images, results and rows finished more than ``retention_days`` ago.
+
+    Returns
+    -------
+    int
+        Files removed (0 when ``storage.retention_days`` is 0: keep everything).
+    """
+    days = settings.storage.retention_days
+    if days <= 0:
+        return 0
+    try:
+        cutoff = _now(now) - dt.timedelta(days=days)
+        removed = 0
+        for rel in database.purge_done_before(cutoff):
+            try:
+                if store.remove(rel):
+                    removed += 1
+            except (OSError, ValueError):
+                logger.exception("retention: could not remove %s", rel)
+        store.purge_empty_dirs()
+        store.purge_stale_temp_files()
+        if removed:
+            logger.info("retention: removed %d file(s) older than %d days", removed, days)
+        return removed
+    except Exception:
+        logger.exception("retention purge failed")
+        return 0
+
+
+class NodeScheduler:
+    """The periodic jobs on an APScheduler ``BackgroundScheduler`` (one per node).
+
+    Parameters
+    ----------
+    database, store, settings
+        What the jobs work on; intervals from ``settings.scheduler``.
+    """
+
+    def __init__(self, database: Database, store: FileStore, settings: Settings) -> None:
+        self.database = database
+        self.store = store
+        self.settings = settings
+        self.failures = ReportFailures(
+            base_seconds=settings.scheduler.study_check_seconds, cap_seconds=3600.0
+        )
+        self._scheduler: Any = None
+        self._lock = threading.Lock()
+
+    def _complete_studies(self) -> int:
+        reported = complete_studies(
+            self.database, self.store, self.settings, failures=self.failures
+        )
+        if reported and self.settings.destinations:
+            self.wake("sends")  # results out now, not at the next send check
+        return reported
+
+    def _jobs(self) -> list[tuple[str, Callable[[], object], float]]:
+        s = self.settings
+        return [
+            (
+                "study-completion",
+                self._complete_studies,
+                s.scheduler.study_check_seconds,
+            ),
+            (
+                "sends",
+                lambda: send_results(self.database, self.store, s),
+                s.scheduler.send_check_seconds,
+            ),
+            (
+                "lease-recovery",
+                lambda: recover_leases(self.database),
+                s.scheduler.lease_check_seconds,
+            ),
+            (
+                "retention",
+                lambda: purge_retention(self.database, self.store, s),
+                s.scheduler.retention_check_seconds,
+            ),
+        ]
+
+    def start(self) -> None:
+        """Start the background thread; the first run of every job is immediate."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        with self._lock:
+            if self._scheduler is not None:
+                raise RuntimeError("the scheduler is already started")
+            scheduler = BackgroundScheduler(timezone=dt.UTC)
+            start = dt.datetime.now(dt.UTC)
+            for name, func, seconds in self._jobs():
+                scheduler.add_job(
+                    _guarded(name, func),
+                    "interval",
+                    seconds=seconds,
+                    id=name,
+                    name=name,
+                    next_run_time=start,
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=None,
+                )
+            # "skipped: maximum number of running instances" when a check outlasts its interval is
+            # expected (max_instances=1), not worth a warning every tick.
+            logging.getLogger("apscheduler").setLevel(logging.ERROR)
+            scheduler.start()
+            self._scheduler = scheduler
+        logger.info(
+            "scheduler started: studies every %gs (quiet %gs), sends every %gs, leases every "
+            "%gs, retention every %gs",
+            self.settings.scheduler.study_check_seconds,
+            self.settings.study.quiet_seconds,
+            self.settings.scheduler.send_check_seconds,
+            self.settings.scheduler.lease_check_seconds,
+            self.settings.scheduler.retention_check_seconds,
+        )
+
+    def wake(self, name: str) -> None:
+        """Run a job now (e.g. ``"sends"`` after a study was reported)."""
+        with self._lock:
+            if self._scheduler is not None:
+                self._scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the scheduler; with ``wait`` the running jobs finish first."""
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.shutdown(wait=wait)
+            logger.info("scheduler stopped")
+
+
+def _guarded(name: str, func: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            func()
+        except Exception:  # the functions catch their own; this is the last line
+            logger.exception("scheduled job %s failed", name)
+
+    run.__name__ = f"calcnode_{name.replace('-', '_')}"
+    return run

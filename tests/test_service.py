@@ -1,0 +1,271 @@
+"""Tests of node.service: ``serve`` as a real process, signals, readiness, status, retry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FakeDetector,
+    Receiver,
+    free_port,
+    make_settings,
+    make_worker,
+    receive,
+)
+from factories import make_mg_dataset
+
+from cascade.errors import ConfigError
+from node.service import format_status, retry_job, serve, status
+from node.settings import DestinationSettings, Settings, dump_toml
+from storage.errors import JobNotFoundError
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE = (
+    "import sys; from node.settings import load_settings; from node.service import serve; "
+    "sys.exit(serve(load_settings(sys.argv[1]), workers=int(sys.argv[2])))"
+)
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    path.write_text(dump_toml(settings))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALCNODE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class NotifySocket:
+    """A Unix datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in m for m in self.messages):
+                return True
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        return any(text in m for m in self.messages)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    # Unix socket paths are limited to ~107 bytes: pytest's tmp_path can be longer.
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cn-notify-"))
+    sock = NotifySocket(folder / "notify")
+    try:
+        yield sock
+    finally:
+        sock.close()
+        (folder / "notify").unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def echo(port: int, *, called: str = "CALCNODE") -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return -1
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def start_serve(config: Path, workers: int, env: dict[str, str], log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    return subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(config), str(workers)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_serve_process_answers_echo_and_exits_0_on_sigterm(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "calcnode.toml", make_settings(tmp_path / "node", port=port))
+    log = tmp_path / "serve.log"
+    proc = start_serve(config, 0, clean_env(NOTIFY_SOCKET=str(notify_socket.path)), log)
+    try:
+        assert notify_socket.wait_for("READY=1", 60), log.read_text()
+        assert echo(port) == 0x0000
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert notify_socket.wait_for("STOPPING=1", 5)
+    text = log.read_text()
+    assert "configuration [node]" in text  # the effective settings were logged
+    assert "calcnode stopped" in text
+    assert "Traceback" not in text
+
+
+def test_serve_refuses_a_config_with_an_unknown_key_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[node]\nprot = 11112\n")
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE, str(config), "0"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "ConfigError" in result.stderr
+    assert "prot" in result.stderr and "node" in result.stderr
+
+
+def test_serve_without_model_weights_raises_config_error_naming_model_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.worker.BUNDLED_WEIGHTS", tmp_path / "no-weights")
+    settings = make_settings(tmp_path / "node", port=free_port())
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        serve(settings, workers=1)
+
+
+@pytest.mark.parametrize(("workers", "error"), [(-1, ValueError), ("2", TypeError)])
+def test_serve_rejects_a_bad_worker_count(
+    tmp_path: Path, workers: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="workers"):
+        serve(make_settings(tmp_path), workers=workers)  # type: ignore[arg-type]
+
+
+def test_serve_in_a_thread_stops_on_its_stop_event(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, port=free_port())
+    stop, ready = threading.Event(), threading.Event()
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(serve(settings, workers=0, stop_event=stop, ready=ready))
+    )
+    thread.start()
+    try:
+        assert ready.wait(30)
+        assert echo(settings.node.port) == 0x0000
+    finally:
+        stop.set()
+        thread.join(30)
+    assert codes == [0]
+
+
+@pytest.mark.slow
+def test_serve_processes_a_stored_image_and_sends_results(
+    tmp_path: Path, tiny_model: Path, receiver: Receiver, notify_socket: NotifySocket
+) -> None:
+    from pynetdicom import AE
+
+    port = free_port()
+    dest = DestinationSettings(
+        name="rx", ae_title=receiver.ae_title, host="127.0.0.1", port=receiver.port
+    )
+    settings = make_settings(
+        tmp_path / "node", port=port, model_path=tiny_model, destinations=(dest,), quiet_seconds=1
+    )
+    config = write_config(tmp_path / "calcnode.toml", settings)
+    log = tmp_path / "serve.log"
+    proc = start_serve(config, 1, clean_env(NOTIFY_SOCKET=str(notify_socket.path)), log)
+    try:
+        assert notify_socket.wait_for("READY=1", 60), log.read_text()
+        ds = make_mg_dataset(seed=5)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CALCNODE")
+        assert assoc.is_established
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(receiver.by_modality("SR")) < 2:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert len(receiver.by_modality("SR")) == 2, log.read_text()[-3000:]
+    assert len(receiver.by_modality("SEG")) == 1
+    assert len(receiver.by_modality("PR")) == 1
+    assert {d.StudyInstanceUID for d in receiver.datasets} == {ds.StudyInstanceUID}
+
+
+def test_status_counts_jobs_and_formats_without_patient_data(tmp_path: Path) -> None:
+    dest = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
+    settings = make_settings(tmp_path, destinations=(dest,), max_attempts=1)
+    worker = make_worker(settings, FakeDetector(fail_times=1))
+    receive(worker.database, worker.store, make_mg_dataset(patient_id="SECRET-ID-42"))
+    receive(worker.database, worker.store, make_mg_dataset(patient_id="SECRET-ID-42"))
+    worker.detector = FakeDetector(fail_times=1)
+    assert worker.run_once() == "failed"
+    worker.detector = FakeDetector()
+    assert worker.run_once() == "done"
+
+    info = status(settings)
+    assert info["jobs"] == {"queued": 0, "running": 0, "done": 1, "failed": 1}
+    assert info["pending_sends"] == {"pacs": 2}
+    assert info["recent_errors"][0]["kind"] == "job"
+    text = format_status(info)
+    assert "done 1" in text and "failed 1" in text
+    assert "pacs 2" in text
+    assert "simulated failure" in text
+    assert "SECRET-ID-42" not in text
+
+
+def test_retry_job_requeues_a_failed_job(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_attempts=1)
+    worker = make_worker(settings, FakeDetector(fail_times=1))
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    assert worker.run_once() == "failed"
+    assert retry_job(settings, job_id)["state"] == "queued"
+    assert worker.run_once() == "done"
+    with pytest.raises(JobNotFoundError):
+        retry_job(settings, 999)
+    with pytest.raises(TypeError, match="job_id"):
+        retry_job(settings, "1")  # type: ignore[arg-type]
+
+
+def test_status_without_a_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    from cascade.errors import CalcnodeError
+
+    settings = make_settings(tmp_path / "never-started")
+    with pytest.raises(CalcnodeError, match=r"storage\.database_url"):
+        status(settings)
+    assert not (tmp_path / "never-started" / "calcnode.db").exists()

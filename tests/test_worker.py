@@ -1,0 +1,295 @@
+"""Tests of node.worker: claim → detect → SEG/GSPS → sends → done, failures, leases."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import FakeDetector, fast_factory, make_settings, make_worker, receive, slow_factory
+from factories import make_mg_dataset
+
+from cascade.errors import ConfigError, InvalidImageError
+from node.settings import DestinationSettings
+from node.worker import (
+    Worker,
+    derived_uid,
+    detections_from_json,
+    device_uid_for,
+    make_provenance,
+    model_files,
+    open_storage,
+    run_worker,
+)
+from storage.models import utcnow
+
+PACS = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
+SEG_ONLY = DestinationSettings(
+    name="segstore", ae_title="SEGS", host="127.0.0.1", port=4243, kinds=("seg",)
+)
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+# --------------------------------------------------------------------------- identity
+def test_device_uid_is_2_25_and_the_first_128_bits_of_the_model_sha256() -> None:
+    sha = "0123456789abcdef" * 4
+    uid = device_uid_for(sha)
+    assert uid == f"2.25.{int('0123456789abcdef' * 2, 16)}"
+    assert device_uid_for(sha) == uid
+    assert device_uid_for("f" * 64) != uid
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "z" * 64, "0" * 63])
+def test_device_uid_rejects_what_is_not_a_sha256(bad: str) -> None:
+    with pytest.raises(ValueError, match="model_sha256"):
+        device_uid_for(bad)
+
+
+def test_derived_uid_is_stable_valid_and_distinct_per_input() -> None:
+    a = derived_uid("series", "1.2.3", "seg")
+    assert a == derived_uid("series", "1.2.3", "seg")
+    assert a != derived_uid("series", "1.2.3", "gsps")
+    assert a.startswith("2.25.") and len(a) <= 64
+    assert pydicom.uid.UID(a).is_valid
+
+
+def test_model_files_without_bundled_weights_names_model_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.worker.BUNDLED_WEIGHTS", tmp_path / "no-weights")
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        model_files(make_settings(tmp_path / "node"))
+
+
+def test_model_files_pairs_asn_with_the_fpr_beside_it(tiny_model: Path, tmp_path: Path) -> None:
+    files = model_files(make_settings(tmp_path, model_path=tiny_model))
+    assert files.asn == tiny_model
+    assert files.fpr == tiny_model.parent / "fpr.pt"
+    assert len(files.sha256) == 64 and not files.bundled
+
+
+def test_detections_round_trip_through_json() -> None:
+    dets = FakeDetector().detect(make_mg_dataset(), path="x.dcm")
+    back = detections_from_json(dets.to_json())
+    assert back.detections == dets.detections
+    assert (back.rows, back.columns) == (256, 192)
+    with pytest.raises(ValueError, match="rows"):
+        detections_from_json({k: v for k, v in dets.to_json().items() if k != "rows"})
+
+
+# --------------------------------------------------------------------------- processing
+def test_worker_processes_a_queued_image_with_the_tiny_model(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    settings = make_settings(tmp_path, model_path=tiny_model, destinations=(PACS, SEG_ONLY))
+    database, store = open_storage(settings)
+    ds = make_mg_dataset(seed=3)
+    job_id = receive(database, store, ds)
+
+    assert run_worker(settings, worker_id="w-real", max_jobs=1) == 0
+
+    job = database.get_job(job_id)
+    assert job.state == "done", job.last_error
+    result = job.result or {}
+    assert result["detections"]["sop_instance_uid"] == ds.SOPInstanceUID
+    assert result["detection_count"] == len(result["detections"]["detections"]) > 0
+    kinds = {o["kind"]: o for o in result["objects"]}
+    assert set(kinds) == {"seg", "gsps"}
+    seg = pydicom.dcmread(store.resolve(kinds["seg"]["path"]))
+    gsps = pydicom.dcmread(store.resolve(kinds["gsps"]["path"]))
+    assert seg.SOPClassUID == SEG_CLASS and gsps.SOPClassUID == GSPS_CLASS
+    assert seg.StudyInstanceUID == gsps.StudyInstanceUID == ds.StudyInstanceUID
+    assert seg.DeviceUID.startswith("2.25.")
+    assert store.resolve(f"results/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.detections.json")
+    sends = database.due_sends()
+    assert sorted((s.destination, s.kind) for s in sends) == [
+        ("pacs", "gsps"),
+        ("pacs", "seg"),
+        ("segstore", "seg"),
+    ]
+
+
+def test_worker_writes_only_the_enabled_kinds_and_no_seg_without_findings(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, destinations=(PACS,), kinds=("cad-sr", "seg"))
+    worker = make_worker(settings, FakeDetector(points=()))
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    assert worker.run_once() == "done"
+    result = worker.database.get_job(job_id).result or {}
+    assert result["objects"] == []  # no finding → no SEG; GSPS not enabled
+    assert result["detection_count"] == 0
+    assert worker.database.due_sends() == []
+
+
+def test_invalid_image_fails_without_retry_and_keeps_the_error(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from cascade.detector import Detector
+
+    settings = make_settings(tmp_path, model_path=tiny_model)
+    worker = make_worker(settings, Detector(tiny_model, device="cpu"))
+    ds = make_mg_dataset(pixel_spacing=None, imager_pixel_spacing=None)
+    job_id = receive(worker.database, worker.store, ds)
+    assert worker.run_once() == "failed"
+    job = worker.database.get_job(job_id)
+    assert job.state == "failed"
+    assert job.attempts == 1 < job.max_attempts
+    assert job.last_error is not None and job.last_error.startswith("InvalidImageError")
+
+
+def test_file_that_is_not_dicom_fails_without_retry(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    worker = make_worker(settings, FakeDetector())
+    stored = worker.store.write_atomic("instances/1.2.3/1.2.4/1.2.5.dcm", b"not dicom" * 50)
+    job_id = worker.database.enqueue_image(
+        sop_instance_uid="1.2.5",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+        path=stored.relpath,
+        digest=stored.digest,
+        size=stored.size,
+        calling_aet="TEST",
+    ).job_id
+    assert worker.run_once() == "failed"
+    assert "InvalidImageError" in (worker.database.get_job(job_id).last_error or "")
+
+
+def test_transient_error_is_retried_and_then_succeeds(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, destinations=(PACS,))
+    detector = FakeDetector(fail_times=1)
+    worker = make_worker(settings, detector)
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+
+    assert worker.run_once() == "queued"
+    job = worker.database.get_job(job_id)
+    assert (job.state, job.attempts) == ("queued", 1)
+    assert "RuntimeError: simulated failure 1" in (job.last_error or "")
+    assert worker.database.due_sends() == []
+
+    assert worker.run_once() == "done"
+    job = worker.database.get_job(job_id)
+    assert (job.state, job.attempts) == ("done", 2)
+    assert detector.calls == 2
+
+
+def test_transient_errors_fail_the_job_after_max_attempts(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_attempts=2)
+    worker = make_worker(settings, FakeDetector(fail_times=5))
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    assert worker.run_once() == "queued"
+    assert worker.run_once() == "failed"
+    assert worker.database.get_job(job_id).attempts == 2
+
+
+def test_heartbeat_keeps_the_lease_of_an_image_longer_than_the_lease(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, lease_seconds=0.6)
+    worker = make_worker(settings, FakeDetector(delay=2.0))
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    recovered: list[int] = []
+    for _ in range(6):  # 1.5 s of lease checks while the detector runs
+        time.sleep(0.25)
+        recovered += worker.database.recover_expired_leases()
+    thread.join(10)
+    assert recovered == []
+    assert outcome == ["done"]
+    assert worker.database.get_job(job_id).attempts == 1
+
+
+def test_worker_that_lost_its_lease_discards_its_result(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, destinations=(PACS,), lease_seconds=30.0)
+    worker = make_worker(settings, FakeDetector(delay=1.0))
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    time.sleep(0.4)
+    # As if the worker had hung past its lease: lease recovery takes the job back.
+    assert worker.database.recover_expired_leases(now=utcnow() + dt.timedelta(seconds=60)) == [
+        job_id
+    ]
+    thread.join(10)
+    assert outcome == ["lost"]
+    assert worker.database.get_job(job_id).state == "queued"
+    assert worker.database.due_sends() == []
+    results = worker.store.root / "results"
+    assert not results.exists() or not any(p.is_file() for p in results.rglob("*"))
+
+
+@pytest.mark.slow
+def test_job_of_a_killed_worker_completes_after_lease_expiry_via_another_worker(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, destinations=(PACS,), lease_seconds=2.0)
+    database, store = open_storage(settings)
+    job_id = receive(database, store, make_mg_dataset())
+
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=run_worker,
+        args=(settings,),
+        kwargs={"worker_id": "doomed", "detector_factory": slow_factory},
+    )
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and database.get_job(job_id).state != "running":
+            time.sleep(0.1)
+        job = database.get_job(job_id)
+        assert (job.state, job.lease_owner) == ("running", "doomed")
+        time.sleep(2.5)  # the heartbeat keeps it: longer than one lease
+        assert database.recover_expired_leases() == []
+        proc.kill()  # SIGKILL mid-job: no cleanup, no release
+        proc.join(10)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+
+    assert database.get_job(job_id).state == "running"  # nobody knows yet
+    time.sleep(2.2)  # the lease runs out
+    assert database.recover_expired_leases() == [job_id]
+    assert database.get_job(job_id).state == "queued"
+
+    assert run_worker(settings, worker_id="rescuer", max_jobs=1, detector_factory=fast_factory) == 0
+    job = database.get_job(job_id)
+    assert job.state == "done"
+    assert job.attempts == 2
+    assert (job.result or {})["worker"] == "rescuer"
+    assert [s.kind for s in database.due_sends()] == ["seg", "gsps"]
+
+
+def test_run_worker_rejects_non_positive_max_jobs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_jobs"):
+        run_worker(make_settings(tmp_path), max_jobs=0, detector_factory=fast_factory)
+
+
+def test_worker_rejects_an_empty_worker_id(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    database, store = open_storage(settings)
+    with pytest.raises(ValueError, match="worker_id"):
+        Worker(
+            settings=settings,
+            database=database,
+            store=store,
+            detector=FakeDetector(),
+            provenance=make_provenance(model_version="x", model_sha256="0" * 64),
+            worker_id="",
+        )
+
+
+def test_invalid_image_error_is_what_the_detector_raises_for_a_spacing_less_image() -> None:
+    # Guards the contract the worker's no-retry rule relies on.
+    from cascade.io import read_mammogram
+
+    with pytest.raises(InvalidImageError):
+        read_mammogram(make_mg_dataset(pixel_spacing=None, imager_pixel_spacing=None))
