@@ -739,3 +739,43 @@ def test_builders_reject_a_provenance_of_the_wrong_type() -> None:
             provenance="calcnode",  # type: ignore[arg-type]
             series_instance_uid=generate_uid(),
         )
+
+
+@pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
+def test_marks_of_findings_at_the_image_edge_stay_inside_the_image(
+    corner: str, provenance: Provenance
+) -> None:
+    # A cluster in a corner: rings, labels and the cluster outline must not leave the
+    # image, or highdicom (and viewers) refuse the objects.
+    mg = make_mg_dataset()
+    cols, rows = int(mg.Columns), int(mg.Rows)
+    if corner == "top-left":
+        pts = [(0.0, 0.0, 0.9), (3.0, 1.0, 0.8), (1.0, 4.0, 0.7)]
+    else:
+        pts = [
+            (cols - 1.0, rows - 1.0, 0.9),
+            (cols - 3.0, rows - 2.0, 0.8),
+            (cols - 2.0, rows - 5.0, 0.7),
+        ]
+    dets = image_detections(mg, pts, radius=6.0)
+    pr = roundtrip(
+        build_gsps(
+            source=mg, detections=dets, provenance=provenance, series_instance_uid=generate_uid()
+        )
+    )
+    ann = pr.GraphicAnnotationSequence[0]
+    coords = [float(v) for g in ann.GraphicObjectSequence for v in g.GraphicData]
+    coords += [float(v) for t in ann.TextObjectSequence for v in t.AnchorPoint]
+    xs, ys = coords[0::2], coords[1::2]
+    assert min(xs) >= 0 and max(xs) <= cols
+    assert min(ys) >= 0 and max(ys) <= rows
+    assert any(g.GraphicType == "POLYLINE" for g in ann.GraphicObjectSequence)
+    sr = roundtrip(
+        build_cad_sr(study=[(mg, dets)], provenance=provenance, series_instance_uid=generate_uid())
+    )
+    outlines = [item for _, item in items_named(sr, "111041")]
+    assert outlines, "the cluster has an Outline"
+    for item in outlines:
+        data = [float(v) for v in item.GraphicData]
+        assert min(data[0::2]) >= 0 and max(data[0::2]) <= cols
+        assert min(data[1::2]) >= 0 and max(data[1::2]) <= rows

@@ -420,13 +420,14 @@ def _cluster(
     provenance: Provenance,
     operating_point: float | None,
     legacy: bool,
+    bounds: tuple[int, int],
 ) -> Dataset:
     item = _code("CONTAINS", ("111059", "DCM", "Single Image Finding"), _CLUSTER[legacy])
     required = operating_point is None or any(d.score >= operating_point for d in members)
     centres = [to_graphic_xy(d.x, d.y) for d in members]
     cx = float(np.mean([c[0] for c in centres]))
     cy = float(np.mean([c[1] for c in centres]))
-    outline = circle_outline(centres, [d.radius_px for d in members])
+    outline = circle_outline(centres, [d.radius_px for d in members], bounds=bounds)
     best = max(members, key=certainty_percent)
     children = [
         *_Intent(required).items(),
@@ -591,6 +592,7 @@ def build_cad_sr(
                     provenance=provenance,
                     operating_point=operating_point,
                     legacy=legacy,
+                    bounds=(int(dets.columns), int(dets.rows)),
                 )
             else:
                 n_individual += 1

@@ -35,6 +35,7 @@ __all__ = [
     "certainty_percent",
     "character_set_of",
     "circle_outline",
+    "clip_to_image",
     "code_item",
     "contributing_equipment_item",
     "copy_patient_and_study",
@@ -435,7 +436,11 @@ def certainty_percent(detection: Detection) -> float:
 
 
 def circle_outline(
-    points: Sequence[tuple[float, float]], radii: Sequence[float], *, n: int = 16
+    points: Sequence[tuple[float, float]],
+    radii: Sequence[float],
+    *,
+    n: int = 16,
+    bounds: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Closed convex hull around discs, in DICOM graphic coordinates.
 
@@ -447,6 +452,9 @@ def circle_outline(
         Disc radii in pixels (at least 1 pixel is used).
     n : int
         Vertices sampled per disc.
+    bounds : (columns, rows) or None
+        When given, vertices are clipped to ``[0, columns] × [0, rows]``: graphic
+        coordinates outside the image are invalid (a cluster at the image edge).
 
     Returns
     -------
@@ -462,6 +470,14 @@ def circle_outline(
             for (x, y), r in zip(points, radii, strict=True)
         ]
     )
+    if bounds is not None:
+        cloud[:, 0] = np.clip(cloud[:, 0], 0.0, float(bounds[0]))
+        cloud[:, 1] = np.clip(cloud[:, 1], 0.0, float(bounds[1]))
     hull = ConvexHull(cloud)
     vertices = cloud[hull.vertices]
     return np.concatenate([vertices, vertices[:1]], axis=0)
+
+
+def clip_to_image(x: float, y: float, *, columns: int, rows: int) -> tuple[float, float]:
+    """Clip a DICOM graphic point to the image area ``[0, columns] × [0, rows]``."""
+    return float(min(max(x, 0.0), columns)), float(min(max(y, 0.0), rows))

@@ -37,6 +37,7 @@ from node.reports.common import (
     certainty_percent,
     character_set_of,
     circle_outline,
+    clip_to_image,
     laterality_of,
     resolve_instance,
     to_graphic_xy,
@@ -182,13 +183,17 @@ def build_gsps(
     )
     graphics: list[hd.pr.GraphicObject] = []
     texts: list[hd.pr.TextObject] = []
+    cols, rows = int(detections.columns), int(detections.rows)
     for det in detections.detections:
         cx, cy = to_graphic_xy(det.x, det.y)
         radius = max(float(det.radius_px), 1.0) + 2.0  # a ring just outside the speck
+        # The circumference point must lie in the image: take the side with room.
+        px = cx + radius if cx + radius <= cols else cx - radius
+        px, py = clip_to_image(px, cy, columns=cols, rows=rows)
         graphics.append(
             hd.pr.GraphicObject(
                 graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
-                graphic_data=np.array([[cx, cy], [cx + radius, cy]], dtype=float),
+                graphic_data=np.array([[cx, cy], [px, py]], dtype=float),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
             )
         )
@@ -196,7 +201,7 @@ def build_gsps(
             hd.pr.TextObject(
                 text_value=f"{certainty_percent(det):.0f}%",
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
-                anchor_point=(cx + radius, cy - radius),
+                anchor_point=clip_to_image(cx + radius, cy - radius, columns=cols, rows=rows),
                 anchor_point_visible=False,
                 text_justification=hd.pr.TextJustificationValues.LEFT,
             )
@@ -210,6 +215,7 @@ def build_gsps(
         outline = circle_outline(
             [to_graphic_xy(d.x, d.y) for d in members],
             [max(d.radius_px, 1.0) + 4.0 for d in members],
+            bounds=(cols, rows),
         )
         graphics.append(
             hd.pr.GraphicObject(
