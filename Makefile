@@ -15,7 +15,7 @@ DEBIAN_PACKAGES := dcmtk dicom3tools orthanc libpixelmed-java
 STAMP := $(VENV)/.calcnode-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test demo lint typecheck bench clean
+.PHONY: help setup system-deps test demo lint typecheck bench weights clean
 
 help:
 	@echo "make demo   - set up, then run the node end to end on phantom studies"
@@ -71,6 +71,19 @@ typecheck: setup
 
 bench: setup system-deps
 	$(PY) bench/phantom_realism.py
+
+# Reproduces the bundled weights (cascade/weights/) on a CPU: phantoms, ASN, FPR,
+# export. About 1–1.5 h on 2 cores; PRESET=paper on a GPU.
+PRESET ?= cpu
+CALCNODE := $(VENV)/bin/calcnode
+weights: setup
+	$(CALCNODE) phantom --out data/train --count 80 --seed 1000 --quiet
+	$(CALCNODE) phantom --out data/val --count 16 --seed 2000 --quiet
+	$(CALCNODE) train asn --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
+		--out runs/asn-ttest --preset $(PRESET) --seed 0
+	$(CALCNODE) train fpr --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
+		--asn runs/asn-ttest/best.pt --out runs/fpr --preset $(PRESET) --seed 0
+	$(CALCNODE) train export --asn runs/asn-ttest/best.pt --fpr runs/fpr/best.pt --out cascade/weights
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out

@@ -45,6 +45,12 @@ __all__ = [
 
 LossName = Literal["ttest", "ttest_novar", "mse", "ce"]
 
+#: Written into every checkpoint and the bundled weights' metadata.
+INTENDED_USE = (
+    "Research software. Trained on synthetic phantom mammograms only (calcnode phantom); "
+    "never validated on patient images. Not for clinical use."
+)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` → the first CUDA device when present, else the CPU."""
@@ -268,6 +274,7 @@ def train_asn(
         "val_images": len(val_recs),
         "train_calcifications": int(sum(len(r.calcifications) for r in train_recs)),
         "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
+        "intended_use": INTENDED_USE,
     }
     preprocessing = {
         "pixel_spacing_mm": 0.07,
@@ -670,6 +677,7 @@ def train_fpr(
         "crops": len(labels),
         "positive_crops": n_pos,
         "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
+        "intended_use": INTENDED_USE,
     }
     preprocessing = {
         "pixel_spacing_mm": 0.07,
@@ -742,3 +750,48 @@ def train_fpr(
             save_checkpoint(best_path, state_dict=model.state_dict(), **common)  # type: ignore[arg-type]
     (out / "history.json").write_text(json.dumps(history, indent=2))
     return best_path
+
+
+def export_weights(
+    *,
+    asn: str | Path,
+    fpr: str | Path | None,
+    out: str | Path,
+    notes: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write inference-only copies of trained checkpoints as a weights folder.
+
+    The folder holds ``asn.pt``, ``fpr.pt`` (when given) and ``weights.json``: what the
+    weights are, their sha256, how they were trained and the intended-use notice
+    (synthetic phantoms only — not for clinical use). This is how the bundled weights
+    in ``cascade/weights/`` are made.
+    """
+    from cascade.checkpoint import describe_checkpoint, export_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"asn": export_checkpoint(asn, out / "asn.pt")}
+    if fpr is not None:
+        files["fpr"] = export_checkpoint(fpr, out / "fpr.pt")
+    record: dict[str, Any] = {
+        "intended_use": INTENDED_USE,
+        "calcnode_version": __version__,
+        "notes": dict(notes or {}),
+        "models": {},
+    }
+    for name, path in files.items():
+        d = describe_checkpoint(path)
+        record["models"][name] = {
+            "file": path.name,
+            "sha256": d["file"]["sha256"],
+            "size_bytes": d["file"]["size_bytes"],
+            "kind": d.get("kind"),
+            "model_name": d.get("model_name"),
+            "model_config": d.get("model_config"),
+            "preprocessing": d.get("preprocessing"),
+            "training": d.get("training"),
+            "data": d.get("data"),
+            "metrics": d.get("metrics"),
+        }
+    (out / "weights.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return out

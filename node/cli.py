@@ -142,6 +142,14 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_export(args: argparse.Namespace) -> int:
+    from cascade.train import export_weights
+
+    out = export_weights(asn=args.asn, fpr=args.fpr, out=args.out)
+    print(f"wrote {out}/asn.pt, fpr.pt and weights.json")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="train the ASN or the FPR network")
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
@@ -177,6 +185,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     common(fpr)
     fpr.add_argument("--asn", type=Path, required=True, help="ASN checkpoint giving candidates")
     fpr.set_defaults(func=_cmd_train_fpr)
+
+    exp = tsub.add_parser(
+        "export", help="write inference-only weights (asn.pt, fpr.pt, weights.json) to a folder"
+    )
+    exp.add_argument("--asn", type=Path, required=True, help="trained ASN checkpoint")
+    exp.add_argument("--fpr", type=Path, help="trained FPR checkpoint")
+    exp.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="weights folder (cascade/weights for the bundled ones)",
+    )
+    exp.set_defaults(func=_cmd_train_export)
 
 
 # --------------------------------------------------------------------------- detect
