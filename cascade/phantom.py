@@ -1777,8 +1777,13 @@ def phantom_to_dataset(
     ds.AcquisitionContextSequence = DicomSequence([])
     ds.PixelData = np.ascontiguousarray(image.pixels, dtype="<u2").tobytes()
     if image.transfer_syntax == JPEG2000Lossless:
+        # pydicom would give the compressed instance a new random SOP Instance UID by
+        # default: the manifest and determinism need the one we generated.
         ds.compress(
-            JPEG2000Lossless, np.ascontiguousarray(image.pixels), encoding_plugin="pylibjpeg"
+            JPEG2000Lossless,
+            np.ascontiguousarray(image.pixels),
+            encoding_plugin="pylibjpeg",
+            generate_instance_uid=False,
         )
     return ds
 

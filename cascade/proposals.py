@@ -235,15 +235,29 @@ def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
         exclude_border=False,
     )
     # Peaks joined by pixels within 1e-3 of their height are one plateau: one marker.
+    # Worked out per component, inside its bounding box (whole-image masks per peak
+    # cost seconds on a noisy map).
     if len(peaks):
-        heights = smooth[tuple(peaks.T)]
-        top = np.zeros_like(binary)
-        for (r, c), hgt in zip(peaks, heights, strict=True):
-            top |= (smooth >= hgt - 1e-3) & (labels == labels[r, c])
-        top_lab = label(top, connectivity=2)
-        peak_ids = top_lab[tuple(peaks.T)]
-        ids = np.unique(peak_ids)
-        peaks = peaks[[int(np.flatnonzero(peak_ids == i)[0]) for i in ids]]
+        keep: list[np.ndarray] = []
+        slices = ndimage.find_objects(labels)
+        peak_labels = labels[tuple(peaks.T)]
+        for lab in np.unique(peak_labels):
+            sl = slices[lab - 1]
+            own = peaks[peak_labels == lab]
+            if len(own) == 1:
+                keep.append(own)
+                continue
+            region = labels[sl] == lab
+            sm = smooth[sl]
+            local = own - np.array([sl[0].start, sl[1].start])
+            top = np.zeros_like(region)
+            for r, c in local:
+                top |= (sm >= sm[r, c] - 1e-3) & region
+            top_lab = label(top, connectivity=2)
+            ids = top_lab[tuple(local.T)]
+            first = [int(np.flatnonzero(ids == i)[0]) for i in np.unique(ids)]
+            keep.append(own[first])
+        peaks = np.concatenate(keep)
     markers = np.zeros_like(labels)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # Components without a peak (flat plateaus) keep one marker at their maximum.

@@ -229,6 +229,14 @@ def test_jpeg2000_lossless_files_decode_exactly() -> None:
     assert np.array_equal(ds.pixel_array, image.pixels)
 
 
+def test_jpeg2000_files_keep_the_sop_instance_uid_of_the_manifest() -> None:
+    # pydicom's compress() would otherwise draw a new random UID, and evaluation that
+    # pairs detections with the manifest by UID would silently find nothing.
+    ds = _dataset(_render(12, transfer_syntax=JPEG2000Lossless))
+    assert ds.SOPInstanceUID == "1.2.826.0.1.3680043.8.498.3"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.826.0.1.3680043.8.498.3"
+
+
 @pytest.mark.parametrize(
     ("laterality", "view", "orientation"),
     [
