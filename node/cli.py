@@ -103,8 +103,12 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         overrides["iterations_per_epoch"] = args.iterations
     config = preset(args.preset, **overrides)
+    model_config = dict(config.model_config)
     if args.width is not None:
-        config = preset(args.preset, **overrides, model_config={"width": args.width})
+        model_config["width"] = args.width
+    if args.head is not None:
+        model_config["head"] = args.head
+    config = preset(args.preset, **overrides, model_config=model_config)
     best = train_asn(
         manifest=args.manifest,
         val_manifest=args.val_manifest,
@@ -179,6 +183,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     asn.add_argument("--beta", type=float, help="t-test margin β (the paper: 0.8)")
     asn.add_argument("--iterations", type=int, help="iterations per epoch")
     asn.add_argument("--width", type=int, help="U-Net width (channels of the first stage)")
+    asn.add_argument(
+        "--head",
+        choices=("sigmoid", "residual"),
+        help="output head: sigmoid (the paper) or residual (starts as identity)",
+    )
     asn.set_defaults(func=_cmd_train_asn)
 
     fpr = tsub.add_parser("fpr", help="train the false-positive reduction ResNet-50")
