@@ -43,6 +43,8 @@ __all__ = ["HEADS", "NORMS", "UPSAMPLING", "ASNUNet", "asn_unet"]
 logger = logging.getLogger(__name__)
 
 HEADS: Final = ("sigmoid", "logits", "residual")
+#: Initial logit offset of the "residual" head (≈ +0.01–0.025 in [0, 1] intensity).
+RESIDUAL_HEAD_LIFT: Final = 0.1
 NORMS: Final = ("batch", "instance", "none")
 UPSAMPLING: Final = ("transposed", "bilinear")
 
@@ -166,8 +168,13 @@ class ASNUNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if self.head == "residual":
-            # Start as the identity: the output correction is zero, so r = |f(I) − I| = 0.
+            # Start next to the identity: a zero correction would make r = |f(I) − I|
+            # exactly 0, where |·| has no gradient; a small constant lift (f slightly
+            # above I, the direction in which µCs get "painted") gives every pixel a
+            # signed gradient from the first step.
             nn.init.zeros_(self.out.weight)
+            if self.out.bias is not None:
+                nn.init.constant_(self.out.bias, RESIDUAL_HEAD_LIFT)
 
     @property
     def multiple(self) -> int:
