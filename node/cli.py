@@ -132,6 +132,8 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
     config = replace(FPR_PRESETS[args.preset], seed=args.seed)
     if args.epochs is not None:
         config = replace(config, epochs=args.epochs)
+    if args.lr is not None:
+        config = replace(config, lr=args.lr)
     best = train_fpr(
         manifest=args.manifest,
         val_manifest=args.val_manifest,
@@ -193,6 +195,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     fpr = tsub.add_parser("fpr", help="train the false-positive reduction ResNet-50")
     common(fpr)
     fpr.add_argument("--asn", type=Path, required=True, help="ASN checkpoint giving candidates")
+    fpr.add_argument("--lr", type=float, help="SGD learning rate (the paper: 1e-3)")
     fpr.set_defaults(func=_cmd_train_fpr)
 
     exp = tsub.add_parser(
