@@ -469,6 +469,7 @@ def export_checkpoint(
     *,
     half: bool = False,
     metrics: Mapping[str, Any] | None = None,
+    intended_use: str | None = None,
 ) -> Path:
     """Write a small inference-only copy of a checkpoint (for bundled weights).
 
@@ -485,6 +486,9 @@ def export_checkpoint(
         Store floating-point tensors as float16.
     metrics : mapping or None
         Replaces the metrics (e.g. the final test-set numbers), when given.
+    intended_use : str or None
+        Written into ``meta["data"]["intended_use"]`` when given (the bundled
+        weights' "synthetic phantoms only — not for clinical use" notice).
 
     Returns
     -------
@@ -503,6 +507,8 @@ def export_checkpoint(
     meta = copy.deepcopy(obj["meta"])
     if metrics is not None:
         meta["metrics"] = _plain(metrics, "metrics", tensors=False)
+    if intended_use is not None:
+        meta.setdefault("data", {})["intended_use"] = str(intended_use)
     weights = {
         k: (v.half() if half and v.is_floating_point() else v) for k, v in obj["state_dict"].items()
     }

@@ -770,9 +770,9 @@ def export_weights(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"asn": export_checkpoint(asn, out / "asn.pt")}
+    files = {"asn": export_checkpoint(asn, out / "asn.pt", intended_use=INTENDED_USE)}
     if fpr is not None:
-        files["fpr"] = export_checkpoint(fpr, out / "fpr.pt")
+        files["fpr"] = export_checkpoint(fpr, out / "fpr.pt", intended_use=INTENDED_USE)
     record: dict[str, Any] = {
         "intended_use": INTENDED_USE,
         "calcnode_version": __version__,

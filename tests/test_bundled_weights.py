@@ -1,0 +1,47 @@
+"""The weights shipped in the package: present, small, honest about their data, usable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cascade.checkpoint import checkpoint_sha256, describe_checkpoint
+from cascade.detector import BUNDLED_WEIGHTS, Detector
+from cascade.phantom import generate_dataset
+
+pytestmark = pytest.mark.skipif(
+    not (BUNDLED_WEIGHTS / "asn.pt").is_file(), reason="no bundled weights in this checkout"
+)
+
+
+def test_bundled_weights_are_small_enough_to_ship() -> None:
+    total = sum(p.stat().st_size for p in BUNDLED_WEIGHTS.glob("*.pt"))
+    assert total <= 25 * 1024 * 1024
+
+
+def test_bundled_weights_say_they_are_not_for_clinical_use() -> None:
+    record = json.loads((BUNDLED_WEIGHTS / "weights.json").read_text())
+    assert "not for clinical use" in record["intended_use"].lower()
+    assert "synthetic phantom" in record["intended_use"].lower()
+    for name, model in record["models"].items():
+        path = BUNDLED_WEIGHTS / model["file"]
+        assert checkpoint_sha256(path) == model["sha256"], name
+        meta = describe_checkpoint(path)
+        assert "not for clinical use" in meta["data"]["intended_use"].lower()
+        assert meta["has_optimizer_state"] is False
+
+
+@pytest.mark.slow
+def test_bundled_detector_finds_points_inside_a_fresh_phantom(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, count=2, seed=424242, progress=False)
+    detector = Detector.bundled(device="cpu")
+    image = next(p for p in sorted(tmp_path.rglob("*.dcm")))
+    result = detector.detect(image)
+    assert manifest.is_file()
+    assert result.detections, "the bundled cascade proposes candidates on a phantom"
+    for det in result.detections:
+        assert 0 <= det.x < result.columns and 0 <= det.y < result.rows
+        assert 0.0 <= det.fpr_score <= 1.0
+        assert det.score == pytest.approx(det.asn_score * det.fpr_score)
