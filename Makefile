@@ -72,18 +72,22 @@ typecheck: setup
 bench: setup system-deps
 	$(PY) bench/phantom_realism.py
 
-# Reproduces the bundled weights (cascade/weights/) on a CPU: phantoms, ASN, FPR,
-# export. About 1–1.5 h on 2 cores; PRESET=paper on a GPU.
+# Reproduces the bundled weights (cascade/weights/) on a CPU: phantoms, the proposal
+# network, FPR on its candidates, export. About 1 h on 2 cores. The bundled proposal
+# network is the cross-entropy U-Net (it beat the ASN on the validation phantoms in
+# the CPU budget, docs/model-card.md); PROPOSAL_ARGS="--loss ttest --head residual"
+# trains the ASN instead. PRESET=paper for the paper-size networks on a GPU.
 PRESET ?= cpu
+PROPOSAL_ARGS ?= --loss ce --epochs 6
 CALCNODE := $(VENV)/bin/calcnode
 weights: setup
 	$(CALCNODE) phantom --out data/train --count 80 --seed 1000 --quiet
 	$(CALCNODE) phantom --out data/val --count 16 --seed 2000 --quiet
 	$(CALCNODE) train asn --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
-		--out runs/asn-ttest --preset $(PRESET) --seed 0
+		--out runs/proposals --preset $(PRESET) --seed 0 $(PROPOSAL_ARGS)
 	$(CALCNODE) train fpr --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
-		--asn runs/asn-ttest/best.pt --out runs/fpr --preset $(PRESET) --seed 0
-	$(CALCNODE) train export --asn runs/asn-ttest/best.pt --fpr runs/fpr/best.pt --out cascade/weights
+		--asn runs/proposals/best.pt --out runs/fpr --preset $(PRESET) --seed 0
+	$(CALCNODE) train export --asn runs/proposals/best.pt --fpr runs/fpr/best.pt --out cascade/weights
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
