@@ -220,6 +220,10 @@ def residual_map(
     return np.clip(out, 0.0, 1.0)
 
 
+#: Components with more maxima than this skip the plateau merge (cost bound).
+MAX_PLATEAU_PEAKS = 32
+
+
 def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
     """Label image of candidate regions under the configured rule."""
     binary = rmap > config.threshold
@@ -244,7 +248,9 @@ def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
         for lab in np.unique(peak_labels):
             sl = slices[lab - 1]
             own = peaks[peak_labels == lab]
-            if len(own) == 1:
+            if len(own) == 1 or len(own) > MAX_PLATEAU_PEAKS:
+                # A component with very many maxima is not a plateau problem (and the
+                # pairwise check would cost peaks × area): keep its peaks as they are.
                 keep.append(own)
                 continue
             region = labels[sl] == lab
