@@ -104,10 +104,7 @@ class AsnTrainConfig:
         return "segmentation" if self.loss == "ce" else "residual"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model_config"] = dict(self.model_config)
-        d["proposal"] = dict(self.proposal)
-        return d
+        return _config_json(self)
 
 
 #: Named presets: ``tiny`` for smoke tests, ``cpu`` for this kind of 2-core machine
@@ -140,6 +137,29 @@ def split_records(
     train = [r for r in records if (r.study_instance_uid or r.sop_instance_uid) not in val_studies]
     val = [r for r in records if (r.study_instance_uid or r.sop_instance_uid) in val_studies]
     return train, val
+
+
+def _train_val_records(
+    manifest: str | Path, val_manifest: str | Path | None, *, seed: int, val_images: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Training and (at most ``val_images``) validation records: the validation
+    manifest when given, else a held-out 20 % of the training studies."""
+    records = read_manifest(manifest)
+    if val_manifest is not None:
+        train_recs, val_recs = records, read_manifest(val_manifest)
+    else:
+        train_recs, val_recs = split_records(records, seed=seed)
+    if not train_recs:
+        raise TrainingError(f"{manifest}: no training images")
+    return train_recs, val_recs[:val_images]
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    """A training config as plain JSON types (mappings copied into dicts)."""
+    d = asdict(config)
+    d["model_config"] = dict(config.model_config)
+    d["proposal"] = dict(config.proposal)
+    return d
 
 
 def _seed_everything(seed: int) -> None:
@@ -210,14 +230,9 @@ def train_asn(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    records = read_manifest(manifest)
-    if val_manifest is not None:
-        train_recs, val_recs = records, read_manifest(val_manifest)
-    else:
-        train_recs, val_recs = split_records(records, seed=config.seed)
-    if not train_recs:
-        raise TrainingError(f"{manifest}: no training images")
-    val_recs = val_recs[: config.val_images]
+    train_recs, val_recs = _train_val_records(
+        manifest, val_manifest, seed=config.seed, val_images=config.val_images
+    )
     logger.info(
         "ASN training: %d train images, %d validation images, device %s",
         len(train_recs),
@@ -375,6 +390,13 @@ def preset(name: str, **overrides: Any) -> AsnTrainConfig:
     return replace(ASN_PRESETS[name], **overrides)
 
 
+def fpr_preset(name: str, **overrides: Any) -> FprTrainConfig:
+    """An FPR preset with overrides, e.g. ``fpr_preset("cpu", epochs=8)``."""
+    if name not in FPR_PRESETS:
+        raise ValueError(f"unknown FPR preset {name!r}; known: {sorted(FPR_PRESETS)}")
+    return replace(FPR_PRESETS[name], **overrides)
+
+
 # ----------------------------------------------------------------------------- FPR
 
 
@@ -408,10 +430,7 @@ class FprTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model_config"] = dict(self.model_config)
-        d["proposal"] = dict(self.proposal)
-        return d
+        return _config_json(self)
 
 
 FPR_PRESETS: dict[str, FprTrainConfig] = {
@@ -598,14 +617,9 @@ def train_fpr(
         }
     )
 
-    records = read_manifest(manifest)
-    if val_manifest is not None:
-        train_recs, val_recs = records, read_manifest(val_manifest)
-    else:
-        train_recs, val_recs = split_records(records, seed=config.seed)
-    val_recs = val_recs[: config.val_images]
-    if not train_recs:
-        raise TrainingError(f"{manifest}: no training images")
+    train_recs, val_recs = _train_val_records(
+        manifest, val_manifest, seed=config.seed, val_images=config.val_images
+    )
     train_c = collect_candidates(
         asn,
         load_training_images(train_recs, progress=progress),

@@ -102,7 +102,10 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.iterations is not None:
         overrides["iterations_per_epoch"] = args.iterations
-    config = preset(args.preset, **overrides)
+    try:
+        config = preset(args.preset, **overrides)
+    except ValueError as exc:  # an unknown preset: a usage error, not a bug
+        raise SystemExit(f"calcnode: error: {exc}") from exc
     model_config = dict(config.model_config)
     if args.width is not None:
         model_config["width"] = args.width
@@ -123,17 +126,17 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_fpr(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from cascade.train import fpr_preset, train_fpr
 
-    from cascade.train import FPR_PRESETS, train_fpr
-
-    if args.preset not in FPR_PRESETS:
-        raise SystemExit(f"unknown FPR preset {args.preset!r}; known: {sorted(FPR_PRESETS)}")
-    config = replace(FPR_PRESETS[args.preset], seed=args.seed)
+    overrides: dict[str, object] = {"seed": args.seed}
     if args.epochs is not None:
-        config = replace(config, epochs=args.epochs)
+        overrides["epochs"] = args.epochs
     if args.lr is not None:
-        config = replace(config, lr=args.lr)
+        overrides["lr"] = args.lr
+    try:
+        config = fpr_preset(args.preset, **overrides)
+    except ValueError as exc:  # an unknown preset: a usage error, not a bug
+        raise SystemExit(f"calcnode: error: {exc}") from exc
     best = train_fpr(
         manifest=args.manifest,
         val_manifest=args.val_manifest,
