@@ -406,13 +406,19 @@ class FprTrainConfig:
 
     The paper: ResNet-50, crops of 56 px around every ASN candidate of the training
     images (hard negatives) plus every ground-truth µC (positives), no re-sampling,
-    SGD lr 1e-3 with momentum.
+    SGD lr 1e-3 with momentum. Both presets standardise each crop by itself
+    (``input_norm="crop"``, robust to vendor brightness and contrast). The CPU preset
+    uses Adam: with SGD at lr 1e-3 a from-scratch ResNet barely moves in the few hundred
+    steps a CPU affords (BCE 0.68 → 0.67 in 4 epochs, measured).
     """
 
     model: str = "fpr_resnet50"
-    model_config: Mapping[str, Any] = field(default_factory=lambda: {"width": 16, "input_size": 56})
+    model_config: Mapping[str, Any] = field(
+        default_factory=lambda: {"width": 16, "input_size": 56, "input_norm": "crop"}
+    )
     epochs: int = 6
     batch_size: int = 64
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -426,6 +432,8 @@ class FprTrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -435,7 +443,7 @@ class FprTrainConfig:
 
 FPR_PRESETS: dict[str, FprTrainConfig] = {
     "tiny": FprTrainConfig(
-        model_config={"width": 4, "input_size": 56},
+        model_config={"width": 4, "input_size": 56, "input_norm": "crop"},
         epochs=1,
         batch_size=16,
         val_images=2,
@@ -445,10 +453,15 @@ FPR_PRESETS: dict[str, FprTrainConfig] = {
     # hard negatives (the ones that decide the low-FP operating points): all of them
     # would cost ≈ 15 min per epoch on 2 cores.
     "cpu": FprTrainConfig(
-        model_config={"width": 16, "input_size": 56}, epochs=4, proposal={"max_candidates": 60}
+        model_config={"width": 16, "input_size": 56, "input_norm": "crop"},
+        epochs=6,
+        optimizer="adam",
+        proposal={"max_candidates": 60},
     ),
     "paper": FprTrainConfig(
-        model_config={"width": 64, "input_size": 224}, epochs=30, val_images=20
+        model_config={"width": 64, "input_size": 224, "input_norm": "crop"},
+        epochs=30,
+        val_images=20,
     ),
 }
 
@@ -664,9 +677,16 @@ def train_fpr(
 
     model = get_model(config.model, **dict(config.model_config)).to(dev)
     input_size = int(dict(config.model_config).get("input_size", CROP_SIZE))
-    opt = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    opt: torch.optim.Optimizer
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(config.seed)
     start_epoch, history, best = 0, [], (-1.0, -1.0)

@@ -133,6 +133,8 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.lr is not None:
         overrides["lr"] = args.lr
+    if args.optimizer is not None:
+        overrides["optimizer"] = args.optimizer
     try:
         config = fpr_preset(args.preset, **overrides)
     except ValueError as exc:  # an unknown preset: a usage error, not a bug
@@ -198,7 +200,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     fpr = tsub.add_parser("fpr", help="train the false-positive reduction ResNet-50")
     common(fpr)
     fpr.add_argument("--asn", type=Path, required=True, help="ASN checkpoint giving candidates")
-    fpr.add_argument("--lr", type=float, help="SGD learning rate (the paper: 1e-3)")
+    fpr.add_argument("--lr", type=float, help="learning rate (the paper: SGD at 1e-3)")
+    fpr.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        help="sgd (the paper, with momentum; paper preset) or adam (cpu preset)",
+    )
     fpr.set_defaults(func=_cmd_train_fpr)
 
     exp = tsub.add_parser(

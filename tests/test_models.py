@@ -24,7 +24,7 @@ from cascade.models import (
     register_model,
     resolve_model_config,
 )
-from cascade.models.resnet import Bottleneck
+from cascade.models.resnet import Bottleneck, standardize_crops
 
 
 @pytest.fixture(autouse=True)
@@ -248,6 +248,7 @@ def test_resnet_zero_init_residual_zeroes_the_last_bn_of_each_branch() -> None:
         ({"num_classes": 0}, ValueError, "num_classes"),
         ({"in_channels": -1}, ValueError, "in_channels"),
         ({"zero_init_residual": "yes"}, TypeError, "zero_init_residual"),
+        ({"input_norm": "imagenet"}, ValueError, "input_norm"),
     ],
 )
 def test_resnet_builder_rejects_invalid_arguments(
@@ -255,6 +256,36 @@ def test_resnet_builder_rejects_invalid_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         fpr_resnet50(**kwargs)  # type: ignore[arg-type]
+
+
+def test_crop_norm_makes_the_score_invariant_to_brightness_and_contrast() -> None:
+    torch.manual_seed(0)
+    model = fpr_resnet50(width=4, input_size=56, input_norm="crop", zero_init_residual=False)
+    model.eval()
+    crops = torch.rand(3, 1, 56, 56) * 0.2 + 0.3
+    with torch.no_grad():
+        base = model(crops)
+        shifted = model(0.5 * (crops - 0.3) + 0.1)  # another vendor: darker, half the contrast
+    torch.testing.assert_close(shifted, base, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_norm_standardises_each_crop_by_its_median_and_mad() -> None:
+    x = torch.tensor([[[[0.2, 0.2, 0.4], [0.4, 0.6, 0.6], [0.3, 0.5, 1.0]]]])
+    out = standardize_crops(x).flatten()
+    # median 0.4; |x - 0.4| = .2 .2 0 0 .2 .2 .1 .1 .6 → MAD 0.2 → scale 0.29652
+    expected = (x.flatten() - 0.4) / (1.4826 * 0.2)
+    torch.testing.assert_close(out, expected)
+    flat = standardize_crops(torch.full((1, 1, 4, 4), 0.7))
+    assert float(flat.abs().max()) == 0.0  # a flat crop stays flat (scale floor, no NaN)
+
+
+def test_resnet_without_input_norm_sees_brightness() -> None:
+    torch.manual_seed(0)
+    model = fpr_resnet50(width=4, input_size=56, input_norm="none", zero_init_residual=False)
+    model.eval()
+    crops = torch.rand(2, 1, 56, 56) * 0.2 + 0.3
+    with torch.no_grad():
+        assert not torch.allclose(model(crops), model(crops + 0.3), atol=1e-3)
 
 
 def test_resnet_backward_reaches_the_stem() -> None:
@@ -344,6 +375,7 @@ def test_resolve_model_config_fills_every_builder_argument() -> None:
         "in_channels": 1,
         "num_classes": 1,
         "zero_init_residual": True,
+        "input_norm": "crop",
     }
 
 

@@ -229,7 +229,9 @@ def test_train_fpr_on_top_of_the_asn_writes_a_self_describing_checkpoint(
     ck = load_checkpoint(fpr_run / "best.pt", kind="fpr")
     meta = ck.meta
     assert meta["model_name"] == "fpr_resnet50"
-    assert meta["model_config"] == {"width": 4, "input_size": 56}
+    assert meta["model_config"] == {"width": 4, "input_size": 56, "input_norm": "crop"}
+    assert ck.model.input_norm == "crop"  # the normalisation travels with the checkpoint
+    assert meta["training"]["optimizer"] == "sgd"
     assert meta["preprocessing"]["crop_size"] == 56
     assert meta["preprocessing"]["input_size"] == 56
     assert meta["data"]["crops"] > meta["data"]["positive_crops"] > 0
@@ -358,7 +360,12 @@ def test_asn_train_config_rejects_invalid_values(kwargs: dict[str, object], name
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+    ],
 )
 def test_fpr_train_config_rejects_invalid_values(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(ValueError, match=name):

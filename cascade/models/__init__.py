@@ -87,12 +87,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "fpr_resnet50_paper": {
         "builder": "fpr_resnet50",
-        "defaults": {"width": 64, "input_size": 224},
+        "defaults": {"width": 64, "input_size": 224, "input_norm": "crop"},
         "description": "ResNet-50 on 56-px crops resized to 224 (the paper, from scratch)",
     },
     "fpr_resnet50_cpu": {
         "builder": "fpr_resnet50",
-        "defaults": {"width": 16, "input_size": 56},
+        "defaults": {"width": 16, "input_size": 56, "input_norm": "crop"},
         "description": "ResNet-50 at a quarter width on native 56-px crops (3×3/1 stem, "
         "no max-pool)",
     },

@@ -23,6 +23,12 @@ Two stems, chosen by ``input_size``:
     the two regimes cost about the same; the CPU preset is cheaper because it is
     narrower (compute scales with ``width²``), and because nothing is up-sampled.
 
+Input normalisation (``input_norm``): ``"none"`` feeds the crop's [0, 1] grey levels
+as they are; ``"crop"`` first standardises every crop by itself, ``(x − median) /
+max(1.4826 · MAD, 0.01)``, so the network sees a µC's contrast relative to the
+tissue around it, whatever the vendor's brightness and contrast. The statistics are
+computed inside ``forward``: the checkpoint's ``model_config`` is the whole contract.
+
 Input contract: ``(B, in_channels, input_size, input_size)``; any other spatial
 size raises :class:`ValueError` naming the shape (a crop of the wrong size means
 the FPR preprocessing and the checkpoint disagree). Output: ``(B, num_classes)``
@@ -40,7 +46,15 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["INPUT_SIZES", "STAGE_BLOCKS", "Bottleneck", "FPRResNet", "fpr_resnet50"]
+__all__ = [
+    "INPUT_NORMS",
+    "INPUT_SIZES",
+    "STAGE_BLOCKS",
+    "Bottleneck",
+    "FPRResNet",
+    "fpr_resnet50",
+    "standardize_crops",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +62,23 @@ logger = logging.getLogger(__name__)
 STAGE_BLOCKS: Final = (3, 4, 6, 3)
 #: Supported input sizes and the stem each one selects.
 INPUT_SIZES: Final = {224: "imagenet", 56: "native"}
+#: Input normalisations: none, or each crop standardised by its median and MAD.
+INPUT_NORMS: Final = ("none", "crop")
+#: Floor of the per-crop scale (grey levels in [0, 1]): a flat crop is not blown up.
+CROP_SCALE_FLOOR: Final = 0.01
+
+
+def standardize_crops(x: torch.Tensor) -> torch.Tensor:
+    """Standardise each sample of ``(B, C, H, W)`` by its own median and MAD.
+
+    ``(x − median) / max(1.4826 · MAD, CROP_SCALE_FLOOR)`` over each sample's pixels
+    (all channels together): robust to the µC itself and to zero padding at edges.
+    """
+    flat = x.flatten(1)
+    med = flat.median(dim=1, keepdim=True).values
+    mad = (flat - med).abs().median(dim=1, keepdim=True).values
+    scale = (1.4826 * mad).clamp_min(CROP_SCALE_FLOOR)
+    return ((flat - med) / scale).view_as(x)
 
 
 class Bottleneck(nn.Module):
@@ -94,9 +125,11 @@ class FPRResNet(nn.Module):
         in_channels: int,
         num_classes: int,
         zero_init_residual: bool,
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
         self.input_size = input_size
+        self.input_norm = input_norm
         self.in_channels = in_channels
         self.stem_kind = INPUT_SIZES[input_size]
         if self.stem_kind == "imagenet":
@@ -157,6 +190,8 @@ class FPRResNet(nn.Module):
                 f"input must be {self.input_size} × {self.input_size} px (the model's "
                 f"input_size), got shape {tuple(x.shape)}"
             )
+        if self.input_norm == "crop":
+            x = standardize_crops(x)
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.pool(x), 1)
@@ -172,6 +207,7 @@ def fpr_resnet50(
     in_channels: int = 1,
     num_classes: int = 1,
     zero_init_residual: bool = True,
+    input_norm: str = "none",
 ) -> FPRResNet:
     """Build the FPR ResNet-50.
 
@@ -191,6 +227,10 @@ def fpr_resnet50(
     zero_init_residual : bool
         Zero the last BN scale of every residual branch so each block starts as the
         identity (the standard trick for training from scratch).
+    input_norm : {"none", "crop"}
+        ``"none"``: the crop's grey levels as they are (the paper). ``"crop"``: each
+        crop standardised by its own median and MAD inside ``forward`` (robust to
+        vendor brightness and contrast; the CPU and paper training presets use it).
 
     Returns
     -------
@@ -223,7 +263,10 @@ def fpr_resnet50(
         raise TypeError(
             f"zero_init_residual must be a bool, got {type(zero_init_residual).__name__}"
         )
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
     return FPRResNet(
+        input_norm=input_norm,
         width=width,
         input_size=input_size,
         in_channels=in_channels,
