@@ -1867,6 +1867,7 @@ def generate_dataset(
     count: int,
     seed: int,
     size: Size = "small",
+    vendors: Sequence[str] | None = None,
     preview: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -1888,6 +1889,9 @@ def generate_dataset(
         Seed, ≥ 0: the same seed gives identical pixel data and UIDs.
     size : {"small", "full"}
         Field size, see :func:`render_image`.
+    vendors : sequence of str or None
+        Draw each study's vendor profile from these (names of ``VENDORS``); None: all
+        of them. A held-out set can so cover every vendor whatever its seed.
     preview : bool
         Also write preview PNGs.
     progress : bool
@@ -1906,18 +1910,26 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if size not in ("small", "full"):
         raise ValueError(f"size must be 'small' or 'full', got {size!r}")
+    if vendors is None:
+        vendor_names = sorted(VENDORS)
+    else:
+        vendor_names = sorted(set(vendors))
+        unknown = [v for v in vendor_names if v not in VENDORS]
+        if unknown or not vendor_names:
+            raise ValueError(
+                f"vendors must be a non-empty subset of {sorted(VENDORS)}, got {list(vendors)!r}"
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan_rng = np.random.default_rng([seed, 0])
     plan = _study_plan(plan_rng, count)
-    vendors = sorted(VENDORS)
     records: list[ImageRecord] = []
     bar = tqdm(total=count, desc="phantom", unit="img", disable=not progress)
     base_date = _dt.date(2023, 1, 2)
     try:
         for si, views in enumerate(plan):
             srng = np.random.default_rng([seed, 1, si])
-            vendor = vendors[int(srng.integers(len(vendors)))]
+            vendor = vendor_names[int(srng.integers(len(vendor_names)))]
             names = list(DENSITIES)
             probs = np.array([DENSITIES[n].probability for n in names])
             density = str(srng.choice(names, p=probs / probs.sum()))

@@ -34,6 +34,10 @@ def _configure_logging(verbosity: int) -> None:
 
 
 # --------------------------------------------------------------------------- phantom
+#: Vendor profiles of ``cascade.phantom.VENDORS`` (spelled out: the CLI imports lazily).
+PHANTOM_VENDORS = ("fuji", "ge", "hologic", "siemens")
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from cascade.phantom import generate_dataset
 
@@ -42,6 +46,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         count=args.count,
         seed=args.seed,
         size=args.size,
+        vendors=args.vendor,
         preview=args.preview,
         progress=not args.quiet,
     )
@@ -64,6 +69,12 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         choices=("small", "full"),
         default="small",
         help="small ≈ 10 × 7 cm (fast) or full-field 24 × 18 cm",
+    )
+    p.add_argument(
+        "--vendor",
+        action="append",
+        choices=PHANTOM_VENDORS,
+        help="draw studies only from this vendor profile (repeatable; default: all)",
     )
     p.add_argument("--preview", action="store_true", help="also write PNGs, truth circled")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -348,6 +348,21 @@ def test_full_field_hologic_has_the_detector_matrix() -> None:
     assert image.breast_mask.mean() > 0.3
 
 
+def test_generate_dataset_draws_only_the_vendors_asked_for(tmp_path: Path) -> None:
+    manifest = generate_dataset(tmp_path, count=3, seed=5, vendors=["fuji"], progress=False)
+    records = read_manifest(manifest)
+    assert len(records) == 3
+    assert {r.tags["vendor"] for r in records} == {"fuji"}
+    assert {r.pixel_spacing_mm for r in records} == {(0.05, 0.05)}
+
+
+def test_cli_vendor_choices_are_the_phantom_vendors() -> None:
+    from cascade.phantom import VENDORS
+    from node.cli import PHANTOM_VENDORS
+
+    assert tuple(sorted(VENDORS)) == PHANTOM_VENDORS
+
+
 # --------------------------------------------------------------------------- invalid input
 @pytest.mark.parametrize(
     ("kwargs", "name"),
@@ -356,6 +371,8 @@ def test_full_field_hologic_has_the_detector_matrix() -> None:
         ({"count": 2, "seed": -1}, "seed"),
         ({"count": 2, "seed": 1, "size": "huge"}, "size"),
         ({"count": True, "seed": 1}, "count"),
+        ({"count": 2, "seed": 1, "vendors": ["acme"]}, "vendors"),
+        ({"count": 2, "seed": 1, "vendors": []}, "vendors"),
     ],
 )
 def test_generate_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, name: str) -> None:
