@@ -204,7 +204,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     asn.add_argument(
         "--head",
         choices=("sigmoid", "residual"),
-        help="output head: sigmoid (the paper) or residual (starts as identity)",
+        help="output head: sigmoid (the paper; paper preset) or residual (starts as the "
+        "identity; cpu preset)",
     )
     asn.set_defaults(func=_cmd_train_asn)
 
