@@ -452,6 +452,7 @@ FPR_PRESETS: dict[str, FprTrainConfig] = {
         model_config={"width": 4, "input_size": 56, "input_norm": "crop"},
         epochs=1,
         batch_size=16,
+        optimizer="adam",
         val_images=2,
         proposal={"max_candidates": 20},
     ),

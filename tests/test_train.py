@@ -231,7 +231,10 @@ def test_train_fpr_on_top_of_the_asn_writes_a_self_describing_checkpoint(
     assert meta["model_name"] == "fpr_resnet50"
     assert meta["model_config"] == {"width": 4, "input_size": 56, "input_norm": "crop"}
     assert ck.model.input_norm == "crop"  # the normalisation travels with the checkpoint
-    assert meta["training"]["optimizer"] == "sgd"
+    assert meta["training"]["optimizer"] == "adam"
+    opt_state = load_checkpoint(fpr_run / "last.pt", kind="fpr").optimizer_state
+    assert opt_state is not None
+    assert all("exp_avg" in v for v in opt_state["state"].values())  # Adam's moments resume
     assert meta["preprocessing"]["crop_size"] == 56
     assert meta["preprocessing"]["input_size"] == 56
     assert meta["data"]["crops"] > meta["data"]["positive_crops"] > 0
