@@ -82,7 +82,7 @@ def image_stats(model: torch.nn.Module, image: np.ndarray, masks: dict[str, np.n
         "sharpness": float(lap_f.std() / max(lap_i.std(), 1e-12)),
         "r_n": float(r[normal].mean()),
         "r_n_std": float(r[normal].std()),
-        "r_p": float(r[core].mean()) if core.any() else float("nan"),
+        "r_p": float(r[core].mean()) if core.any() else None,  # an image without µCs
         "f": f,
         "r": r,
     }
@@ -121,7 +121,7 @@ def run(
             if i == 0:
                 pictures[name] = (s["f"], s["r"])
             per_image.append({k: v for k, v in s.items() if k not in ("f", "r")})
-        r_p = np.nanmean([p["r_p"] for p in per_image])
+        r_p = float(np.mean([p["r_p"] for p in per_image if p["r_p"] is not None]))
         r_n = float(np.mean([p["r_n"] for p in per_image]))
         r_n_std = float(np.mean([p["r_n_std"] for p in per_image]))
         results[name] = {
@@ -191,7 +191,7 @@ def markdown(data: dict[str, Any]) -> str:
             [
                 name,
                 str(ck.get("loss")),
-                "–" if ck.get("beta") is None else f"{ck['beta']:g}",
+                f"{ck['beta']:g}" if str(ck.get("loss", "")).startswith("ttest") else "–",
                 f"{m['sharpness']:.2f}",
                 f"{m['r_n']:.4f}",
                 f"{m['r_p']:.4f}",
