@@ -74,20 +74,30 @@ bench: setup system-deps
 
 # Reproduces the bundled weights (cascade/weights/) on a CPU: phantoms, the proposal
 # network, FPR on its candidates, export. About 1 h on 2 cores. The bundled proposal
-# network is the cross-entropy U-Net (it beat the ASN on the validation phantoms in
-# the CPU budget, docs/model-card.md); PROPOSAL_ARGS="--loss ttest --head residual"
-# trains the ASN instead. PRESET=paper for the paper-size networks on a GPU.
+# network is the cross-entropy U-Net (it beat the t-test ASN on the validation phantoms
+# in the CPU budget, docs/model-card.md); PROPOSAL_ARGS= (empty) trains the ASN of the
+# cpu preset (t-test β 0.8, residual head) instead. PRESET=paper for the paper-size
+# networks on a GPU. DATA, RUNS and WEIGHTS_OUT move the folders (a dry run:
+# make weights PRESET=tiny TRAIN_COUNT=6 VAL_COUNT=2 DATA=/tmp/d RUNS=/tmp/r WEIGHTS_OUT=/tmp/w).
 PRESET ?= cpu
 PROPOSAL_ARGS ?= --loss ce --epochs 6
+TRAIN_COUNT ?= 80
+VAL_COUNT ?= 16
+DATA ?= data
+RUNS ?= runs
+WEIGHTS_OUT ?= cascade/weights
 CALCNODE := $(VENV)/bin/calcnode
 weights: setup
-	$(CALCNODE) phantom --out data/train --count 80 --seed 1000 --quiet
-	$(CALCNODE) phantom --out data/val --count 16 --seed 2000 --quiet
-	$(CALCNODE) train asn --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
-		--out runs/proposals --preset $(PRESET) --seed 0 $(PROPOSAL_ARGS)
-	$(CALCNODE) train fpr --manifest data/train/manifest.jsonl --val-manifest data/val/manifest.jsonl \
-		--asn runs/proposals/best.pt --out runs/fpr --preset $(PRESET) --seed 0
-	$(CALCNODE) train export --asn runs/proposals/best.pt --fpr runs/fpr/best.pt --out cascade/weights
+	$(CALCNODE) phantom --out $(DATA)/train --count $(TRAIN_COUNT) --seed 1000 --quiet
+	$(CALCNODE) phantom --out $(DATA)/val --count $(VAL_COUNT) --seed 2000 --quiet
+	$(CALCNODE) train asn --manifest $(DATA)/train/manifest.jsonl \
+		--val-manifest $(DATA)/val/manifest.jsonl \
+		--out $(RUNS)/proposals --preset $(PRESET) --seed 0 $(PROPOSAL_ARGS)
+	$(CALCNODE) train fpr --manifest $(DATA)/train/manifest.jsonl \
+		--val-manifest $(DATA)/val/manifest.jsonl \
+		--asn $(RUNS)/proposals/best.pt --out $(RUNS)/fpr --preset $(PRESET) --seed 0
+	$(CALCNODE) train export --asn $(RUNS)/proposals/best.pt --fpr $(RUNS)/fpr/best.pt \
+		--out $(WEIGHTS_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
