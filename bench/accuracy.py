@@ -311,15 +311,16 @@ def run(
         results[iset.name] = set_results
         curves[iset.name] = set_curves
         vendor_res: dict[str, Any] = {}
-        main = evals[ASN_FPR]
-        for vendor in sorted(set(vendors)):
-            sub = [e for e, v in zip(main, vendors, strict=True) if v == vendor]
-            res = froc(sub, ks=VENDOR_KS, ks_per_cm2=KS_PER_CM2)
-            vendor_res[vendor] = {
-                "n_images": res.n_images,
-                "n_truth": res.n_truth,
-                "recall_at": {repr(float(k)): float(v) for k, v in res.recall_at.items()},
-            }
+        for name in (n for n in (ASN_FPR, CE_FPR) if n in evals):
+            vendor_res[name] = {}
+            for vendor in sorted(set(vendors)):
+                sub = [e for e, v in zip(evals[name], vendors, strict=True) if v == vendor]
+                res = froc(sub, ks=VENDOR_KS, ks_per_cm2=KS_PER_CM2)
+                vendor_res[name][vendor] = {
+                    "n_images": res.n_images,
+                    "n_truth": res.n_truth,
+                    "recall_at": {repr(float(k)): float(v) for k, v in res.recall_at.items()},
+                }
         per_vendor[iset.name] = vendor_res
         areas[iset.name] = {
             "mean": float(np.mean(set_areas)),
@@ -327,7 +328,7 @@ def run(
         }
     return {
         "results": results,
-        "per_vendor_asn_fpr": per_vendor,
+        "per_vendor": per_vendor,
         "breast_area_cm2": areas,
         "consistency": consistency,
         "timing": timing.to_json(),
@@ -373,20 +374,18 @@ def markdown(data: dict[str, Any]) -> str:
             rows.append(cells)
         lines.append(markdown_table(header, rows, right=1))
         lines.append("")
-        vendors = data["per_vendor_asn_fpr"][set_name]
-        lines.append(f"{ASN_FPR} per vendor ({title.lower()}):")
+        by_cascade = data["per_vendor"][set_name]
+        names = list(by_cascade)
+        lines.append(f"Per vendor ({title.lower()}), R@1 / R@5 in %:")
         lines.append("")
-        vrows = [
-            [
-                vendor,
-                str(v["n_images"]),
-                str(v["n_truth"]),
-                percent(v["recall_at"].get("1.0")),
-                percent(v["recall_at"].get("5.0")),
-            ]
-            for vendor, v in vendors.items()
-        ]
-        lines.append(markdown_table(["Vendor", "Images", "µCs", "R@1", "R@5"], vrows, right=1))
+        vrows = []
+        for vendor, first in by_cascade[names[0]].items():
+            cells = [vendor, str(first["n_images"]), str(first["n_truth"])]
+            for name in names:
+                v = by_cascade[name][vendor]["recall_at"]
+                cells.append(f"{percent(v.get('1.0'))} / {percent(v.get('5.0'))}")
+            vrows.append(cells)
+        lines.append(markdown_table(["Vendor", "Images", "µCs", *names], vrows, right=1))
         lines.append("")
     stage_rows = []
     for name in data["cascades"]:
