@@ -164,6 +164,8 @@ def _config_json(config: Any) -> dict[str, Any]:
     d = asdict(config)
     d["model_config"] = dict(config.model_config)
     d["proposal"] = dict(config.proposal)
+    if "other_negatives" in d:
+        d["other_negatives"] = list(d["other_negatives"])
     return d
 
 
@@ -429,12 +431,22 @@ class FprTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     match_radius_mm: float = 1.0
+    other_negatives: tuple[str, ...] = ()
+    other_negative_spacing_mm: float = 1.0
     augment: bool = True
     seed: int = 0
     val_images: int = 8
     proposal: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not (
+            self.other_negative_spacing_mm > 0 and math.isfinite(self.other_negative_spacing_mm)
+        ):
+            raise ValueError(
+                f"other_negative_spacing_mm must be positive, got {self.other_negative_spacing_mm}"
+            )
+        if isinstance(self.other_negatives, str):
+            raise TypeError("other_negatives must be a tuple of kinds, not a string")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -497,6 +509,52 @@ def _label_candidates(
     dy = (xy[:, None, 1] - truth[None, :, 1]) * spacing_mm[0]
     dx = (xy[:, None, 0] - truth[None, :, 0]) * spacing_mm[1]
     return (np.sqrt(dx**2 + dy**2).min(axis=1) <= radius_mm).astype(np.float32)
+
+
+def other_negative_points(
+    im: TrainingImage,
+    kinds: Sequence[str],
+    *,
+    spacing_mm: float = 1.0,
+    keep_off_mm: float = 1.0,
+    work_spacing_mm: float = 0.07,
+) -> np.ndarray:
+    """Points every ``spacing_mm`` along an image's "other" findings of the given kinds.
+
+    Extra FPR negatives on what the FPR exists to reject (vascular calcifications above
+    all), wherever the proposal network fired on them or not. Points closer than
+    ``keep_off_mm`` to a µC are dropped (a µC beside a vessel stays a positive).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, 2)`` points in the working grid, x = column, y = row.
+    """
+    step = spacing_mm / work_spacing_mm
+    pts_all = []
+    for other in im.record.others:
+        if other.kind not in kinds:
+            continue
+        pts = im.transform.to_work(np.asarray(other.points, dtype=np.float64).reshape(-1, 2))
+        if other.closed and len(pts) >= 3:
+            pts = np.vstack([pts, pts[:1]])
+        # Sample by arc length: every `step` pixels along the whole polyline.
+        arc = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(pts, axis=0).T))])
+        at = np.arange(0.0, arc[-1] + 1e-9, step)
+        pts_all.append(
+            np.column_stack([np.interp(at, arc, pts[:, 0]), np.interp(at, arc, pts[:, 1])])
+        )
+    if not pts_all:
+        return np.zeros((0, 2), np.float64)
+    out = np.vstack(pts_all)
+    if len(im.centres):
+        d = np.hypot(
+            out[:, None, 0] - im.centres[None, :, 0], out[:, None, 1] - im.centres[None, :, 1]
+        )
+        out = out[d.min(axis=1) * work_spacing_mm > keep_off_mm]
+    h, w = im.image.shape
+    inside = (out[:, 0] >= 0) & (out[:, 0] <= w - 1) & (out[:, 1] >= 0) & (out[:, 1] <= h - 1)
+    return out[inside]
 
 
 def collect_candidates(
@@ -641,9 +699,10 @@ def train_fpr(
     train_recs, val_recs = _train_val_records(
         manifest, val_manifest, seed=config.seed, val_images=config.val_images
     )
+    train_images = load_training_images(train_recs, progress=progress)
     train_c = collect_candidates(
         asn,
-        load_training_images(train_recs, progress=progress),
+        train_images,
         map_kind=map_kind,
         residual_kind=residual_kind,
         proposal=prop_cfg,
@@ -664,11 +723,25 @@ def train_fpr(
         if val_recs
         else []
     )
-    crops = np.concatenate([c.crops for c in train_c] + [c.truth_crops for c in train_c]).reshape(
-        -1, CROP_SIZE, CROP_SIZE
-    )
+    from cascade.fpr import extract_crops
+
+    other_crops = [
+        extract_crops(
+            im.image,
+            other_negative_points(
+                im, config.other_negatives, spacing_mm=config.other_negative_spacing_mm
+            ),
+        )
+        for im in (train_images if config.other_negatives else [])
+    ]
+    n_other = int(sum(len(c) for c in other_crops))
+    crops = np.concatenate(
+        [c.crops for c in train_c] + [c.truth_crops for c in train_c] + other_crops
+    ).reshape(-1, CROP_SIZE, CROP_SIZE)
     labels = np.concatenate(
-        [c.labels for c in train_c] + [np.ones(len(c.truth_crops), np.float32) for c in train_c]
+        [c.labels for c in train_c]
+        + [np.ones(len(c.truth_crops), np.float32) for c in train_c]
+        + [np.zeros(len(c), np.float32) for c in other_crops]
     )
     if len(labels) == 0 or labels.min() == labels.max():
         raise TrainingError(
@@ -677,10 +750,12 @@ def train_fpr(
         )
     n_pos = int(labels.sum())
     logger.info(
-        "FPR training crops: %d (%d positive, %d hard negatives)",
+        "FPR training crops: %d (%d positive, %d hard negatives, %d of them on %s findings)",
         len(labels),
         n_pos,
         len(labels) - n_pos,
+        n_other,
+        "/".join(config.other_negatives) or "no other",
     )
 
     model = get_model(config.model, **dict(config.model_config)).to(dev)
@@ -718,6 +793,7 @@ def train_fpr(
         "val_images": len(val_recs),
         "crops": len(labels),
         "positive_crops": n_pos,
+        "other_negative_crops": n_other,
         "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
         "intended_use": INTENDED_USE,
     }

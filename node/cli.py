@@ -146,6 +146,8 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
         overrides["lr"] = args.lr
     if args.optimizer is not None:
         overrides["optimizer"] = args.optimizer
+    if args.other_negatives:
+        overrides["other_negatives"] = tuple(args.other_negatives)
     try:
         config = fpr_preset(args.preset, **overrides)
     except ValueError as exc:  # an unknown preset: a usage error, not a bug
@@ -217,6 +219,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--optimizer",
         choices=("sgd", "adam"),
         help="sgd (the paper, with momentum; paper preset) or adam (cpu preset)",
+    )
+    fpr.add_argument(
+        "--other-negatives",
+        action="append",
+        metavar="KIND",
+        help="also train on negatives every 1 mm along the manifest's 'other' findings of "
+        "this kind, e.g. vascular (repeatable)",
     )
     fpr.set_defaults(func=_cmd_train_fpr)
 

@@ -19,15 +19,18 @@ import torch
 
 from cascade._version import __version__
 from cascade.checkpoint import checkpoint_sha256, load_checkpoint
+from cascade.datasets import TrainingImage
 from cascade.detector import Detector
 from cascade.errors import CheckpointError, TrainingError
-from cascade.manifest import read_manifest, write_manifest
+from cascade.manifest import ImageRecord, OtherFinding, read_manifest, write_manifest
 from cascade.phantom import generate_dataset
+from cascade.preprocess import GridTransform
 from cascade.train import (
     ASN_PRESETS,
     FPR_PRESETS,
     AsnTrainConfig,
     FprTrainConfig,
+    other_negative_points,
     preset,
     resolve_device,
     split_records,
@@ -368,6 +371,7 @@ def test_asn_train_config_rejects_invalid_values(kwargs: dict[str, object], name
         ({"batch_size": 0}, "batch_size"),
         ({"lr": -1.0}, "lr"),
         ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"other_negative_spacing_mm": 0.0}, "other_negative_spacing_mm"),
     ],
 )
 def test_fpr_train_config_rejects_invalid_values(kwargs: dict[str, object], name: str) -> None:
@@ -393,3 +397,57 @@ def test_split_records_splits_by_study_deterministically(phantoms: Path) -> None
     train_studies = {r.study_instance_uid for r in train}
     assert not train_studies & {r.study_instance_uid for r in val}
     assert split_records(recs, seed=0) == (train, val)
+
+
+# ----------------------------------------------------------------------------- FPR negatives
+def _image_with_others(others: tuple[OtherFinding, ...], centres: np.ndarray) -> TrainingImage:
+    """A 200 × 300 working-grid image received at 0.14 mm (the work grid is 0.07 mm)."""
+    tr = GridTransform((100, 150), (0.14, 0.14), (200, 300), (0.07, 0.07))
+    record = ImageRecord(
+        path=Path("x.dcm"),
+        sop_instance_uid="1.2.3",
+        rows=100,
+        columns=150,
+        pixel_spacing_mm=(0.14, 0.14),
+        others=others,
+    )
+    return TrainingImage(
+        image=np.zeros((200, 300), np.float32),
+        breast_mask=np.ones((200, 300), bool),
+        positive=np.zeros((200, 300), bool),
+        ignore=np.zeros((200, 300), bool),
+        centres=centres.reshape(-1, 2),
+        transform=tr,
+        record=record,
+    )
+
+
+def test_vascular_negatives_are_spaced_along_the_vessel_in_the_work_grid() -> None:
+    # A straight vessel from x = 10 to x = 80 (received grid, 0.14 mm) on row 50: 9.8 mm.
+    vessel = OtherFinding(kind="vascular", points=((10.0, 50.0), (45.0, 50.0), (80.0, 50.0)))
+    macro = OtherFinding(kind="macro", points=((120.0, 20.0),))
+    im = _image_with_others((vessel, macro), np.zeros((0, 2)))
+    pts = other_negative_points(im, ("vascular",), spacing_mm=1.0)
+    assert len(pts) == 10  # 0, 1, …, 9 mm along 9.8 mm
+    gaps = np.diff(pts[:, 0]) * 0.07
+    np.testing.assert_allclose(gaps, 1.0, atol=1e-6)
+    np.testing.assert_allclose(pts[:, 1], pts[0, 1])  # one row: the vessel's
+    assert pts[0, 0] == pytest.approx(im.transform.to_work(np.array([[10.0, 50.0]]))[0, 0])
+    assert len(other_negative_points(im, ("macro",))) == 1
+    assert len(other_negative_points(im, ())) == 0
+
+
+def test_vascular_negatives_keep_off_the_micro_calcifications() -> None:
+    vessel = OtherFinding(kind="vascular", points=((10.0, 50.0), (80.0, 50.0)))
+    start = np.array([[10.0, 50.0]])
+    centre_work = GridTransform((100, 150), (0.14, 0.14), (200, 300), (0.07, 0.07)).to_work(start)
+    im = _image_with_others((vessel,), centre_work)
+    pts = other_negative_points(im, ("vascular",), spacing_mm=1.0, keep_off_mm=1.0)
+    dist_mm = np.hypot(*(pts - centre_work).T) * 0.07
+    assert dist_mm.min() > 1.0
+    assert len(pts) == 8  # the points at 0 and 1 mm from the µC are dropped
+
+
+def test_fpr_train_config_wants_a_tuple_of_kinds_not_a_string() -> None:
+    with pytest.raises(TypeError, match="other_negatives"):
+        FprTrainConfig(other_negatives="vascular")  # type: ignore[arg-type]
