@@ -110,7 +110,8 @@ class Calcification:
 class OtherFinding:
     """A calcification or structure that is not a µC (vascular, macro, > 1 mm …).
 
-    Neither a positive nor a negative for training; a detection on it is not
+    Never a positive; left out of the ASN's loss; a negative for the FPR (see
+    docs/dataset-format.md). A detection on it is not
     counted as a false positive by evaluation tools that choose to ignore it.
 
     Parameters
