@@ -249,7 +249,8 @@ class Augmentation:
             if sigma > 0.05:
                 img = ndimage.gaussian_filter(img, sigma)
         if rng.random() < p and self.noise_std[1] > 0:
-            img = img + rng.normal(0.0, rng.uniform(*self.noise_std), img.shape)
+            noise = rng.normal(0.0, rng.uniform(*self.noise_std), img.shape)
+            img = (img + noise).astype(np.float32)
         img = np.where(inside, np.clip(img, 0.0, 1.0), 0.0).astype(np.float32)
         return (img, *(np.ascontiguousarray(a) for a in arrays[1:]))
 

@@ -782,7 +782,7 @@ def train_fpr(
         prog = ck.progress or {}
         start_epoch = int(prog.get("epoch", -1)) + 1
         history = list(prog.get("history", []))
-        best = tuple(prog.get("best", (-1.0, -1.0)))  # type: ignore[assignment]
+        best = tuple(prog.get("best", (-1.0, -1.0)))
         if "rng_state" in prog:
             rng.bit_generator.state = json.loads(prog["rng_state"])
     data_desc = {

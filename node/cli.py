@@ -54,7 +54,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "phantom",
         help="render synthetic mammograms (DICOM) with ground truth",
@@ -90,7 +90,7 @@ def _cmd_dataset_inbreast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_dataset(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_dataset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dataset", help="import annotated data sets into a manifest")
     dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="SOURCE")
     ib = dsub.add_parser("inbreast", help="convert INbreast OsiriX XML annotations")
@@ -174,7 +174,7 @@ def _cmd_train_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the ASN or the FPR network")
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
 
@@ -244,7 +244,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 # --------------------------------------------------------------------------- detect
-def _detector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _detector(args: argparse.Namespace):
     from cascade.detector import Detector
 
     if args.asn is None:
@@ -288,7 +288,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run the cascade on DICOM files, write detections.json")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE|DIR")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -342,7 +342,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="FROC of detections against a manifest (1-mm rule)",
@@ -366,7 +366,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 # --------------------------------------------------------------------------- node
-def _settings(args: argparse.Namespace, **overrides: object):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace, **overrides: object):
     from node.settings import load_settings
 
     return load_settings(
@@ -412,7 +412,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
-def _add_node(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_node(sub: argparse._SubParsersAction) -> None:
     def config(q: argparse.ArgumentParser) -> None:
         q.add_argument(
             "--config",
