@@ -222,6 +222,9 @@ def residual_map(
 
 #: Components with more maxima than this skip the plateau merge (cost bound).
 MAX_PLATEAU_PEAKS = 32
+#: Above this many raw local maxima (and 5 % of the pixels above threshold: flat
+#: plateaus) a map is degenerate (see :func:`_components`).
+MAX_RAW_PEAKS = 5000
 
 
 def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
@@ -231,13 +234,29 @@ def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
     if config.split == "component" or labels.max() == 0:
         return labels
     smooth = ndimage.gaussian_filter(rmap, 1.0)
-    peaks = peak_local_max(
-        smooth,
-        min_distance=config.min_peak_distance_px,
-        threshold_abs=config.threshold,
-        labels=labels,
-        exclude_border=False,
-    )
+    size = 2 * config.min_peak_distance_px + 1
+    raw = (smooth == ndimage.maximum_filter(smooth, size=size, mode="nearest")) & binary
+    n_raw = np.count_nonzero(raw)
+    if n_raw > MAX_RAW_PEAKS and n_raw > 0.05 * np.count_nonzero(binary):
+        # A degenerate map (an untrained network: most of the breast above threshold)
+        # has so many flat maxima that scikit-image's spacing pass takes minutes. Keep
+        # one peak per connected patch of maxima instead: bounded, and never reached by
+        # a trained model's map.
+        patches = label(raw, connectivity=2)
+        best = ndimage.maximum_position(smooth, patches, np.arange(1, patches.max() + 1))
+        peaks = np.asarray(best, dtype=np.int64).reshape(-1, 2)
+        logger.warning(
+            "residual map with %d local maxima above threshold: peaks taken per patch",
+            int(n_raw),
+        )
+    else:
+        peaks = peak_local_max(
+            smooth,
+            min_distance=config.min_peak_distance_px,
+            threshold_abs=config.threshold,
+            labels=labels,
+            exclude_border=False,
+        )
     # Peaks joined by pixels within 1e-3 of their height are one plateau: one marker.
     # Worked out per component, inside its bounding box (whole-image masks per peak
     # cost seconds on a noisy map).

@@ -412,3 +412,20 @@ def test_residual_map_never_silently_misaligns_tiles_for_an_overlap_not_a_multip
         return
     diff = np.abs(out - whole)[INTERIOR].max()
     assert diff < 1e-5, f"tile 256, overlap 36: max |Δ| = {diff:.3g}"
+
+
+def test_a_degenerate_map_with_flat_maxima_everywhere_gives_one_peak_per_patch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An untrained network: most of the image above threshold, flat. Two flat plateaus
+    # joined into one component, 300 × 300 px of maxima: far beyond MAX_RAW_PEAKS.
+    tr = GridTransform((400, 320), (0.07, 0.07), (400, 320), (0.07, 0.07))
+    rmap = np.zeros((400, 320), np.float32)
+    rmap[10:160, 10:310] = 0.5
+    rmap[160:310, 10:310] = 0.7
+    cfg = ProposalConfig(split="maxima", min_area_px=1)
+    with caplog.at_level("WARNING", logger="cascade.proposals"):
+        cands = propose(rmap, tr, config=cfg)
+    assert "local maxima above threshold" in caplog.text
+    assert 1 <= len(cands) <= 2
+    assert sum(c.area_px for c in cands) == 300 * 300
