@@ -23,6 +23,7 @@ from cascade.datasets import TrainingImage
 from cascade.detector import Detector
 from cascade.errors import CheckpointError, TrainingError
 from cascade.manifest import ImageRecord, OtherFinding, read_manifest, write_manifest
+from cascade.models import get_model
 from cascade.phantom import generate_dataset
 from cascade.preprocess import GridTransform
 from cascade.train import (
@@ -387,6 +388,18 @@ def test_presets_tiny_cpu_and_paper_exist_and_preset_overrides() -> None:
     assert cfg.beta == 0.3 and cfg.model_config == ASN_PRESETS["cpu"].model_config
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
+
+
+def test_cpu_presets_use_the_residual_head_and_adam_while_paper_presets_stay_faithful() -> None:
+    assert ASN_PRESETS["cpu"].model_config["head"] == "residual"
+    assert "head" not in ASN_PRESETS["paper"].model_config  # the builder's sigmoid head
+    assert get_model("asn_unet", **ASN_PRESETS["paper"].model_config).model_config["head"] == (
+        "sigmoid"
+    )
+    assert (FPR_PRESETS["cpu"].optimizer, FPR_PRESETS["paper"].optimizer) == ("adam", "sgd")
+    assert FPR_PRESETS["paper"].lr == 1e-3 and FPR_PRESETS["paper"].momentum == 0.9
+    for name in ("cpu", "paper"):
+        assert FPR_PRESETS[name].model_config["input_norm"] == "crop"
 
 
 @pytest.mark.slow
