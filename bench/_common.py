@@ -75,6 +75,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def setup_logging() -> None:
+    """INFO logging with timestamps; the JPEG codecs' chatter kept at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("openjpeg", "libjpeg", "pylibjpeg", "rle"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_line(data: Mapping[str, Any]) -> str:
+    """``Run <created> on <cpu> (<cores> cores, torch … threads; GPU …; load average …).``"""
+    mach = data["machine"]
+    gpu = f"; GPU {mach['cuda_device']}" if mach.get("cuda_device") else "; no GPU"
+    return (
+        f"Run {data['created']} on {mach['cpu']} ({mach['cores']} cores, torch "
+        f"{mach['torch']} with {mach['torch_threads']} threads{gpu}; load average at start "
+        f"{mach['load_average_start'][0]:.1f})."
+    )
+
+
 def now_iso() -> str:
     """The current UTC time, ISO 8601, seconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -146,6 +164,20 @@ def size_group(record: ImageRecord, set_name: str) -> str:
 def truth_xy(record: ImageRecord) -> np.ndarray:
     """``(N, 2)`` µC centres (x = column, y = row) in the received grid."""
     return np.array([[c.x, c.y] for c in record.calcifications], dtype=np.float64).reshape(-1, 2)
+
+
+def log_image(iset: ImageSet, index: int, record: ImageRecord, group: str) -> None:
+    """Progress line of one image: set, position, SOP Instance UID (never patient data)."""
+    logger.info(
+        "%s %d/%d: %s (%s, %d×%d)",
+        iset.name,
+        index + 1,
+        len(iset.records),
+        record.sop_instance_uid,
+        group,
+        record.rows,
+        record.columns,
+    )
 
 
 def breast_area_cm2(pre: PreprocessedImage) -> float:
@@ -294,6 +326,25 @@ def recall_cell(result: Mapping[str, Any], k: float, key: str = "recall_at") -> 
     table = result.get(key) or {}
     value = table.get(repr(float(k)))
     return percent(value)
+
+
+def write_froc_plots(
+    curves: Mapping[str, Mapping[str, FrocResult]],
+    out: Path,
+    *,
+    titles: Mapping[str, str],
+    max_fp: float,
+) -> list[str]:
+    """One FROC plot per image set next to ``out`` (``<stem>_froc[_full].png``)."""
+    from cascade.evaluate import plot_froc
+
+    plots = []
+    for set_name, set_curves in curves.items():
+        suffix = "" if set_name == HELDOUT else f"_{FULL}"
+        path = out.with_name(f"{out.stem}_froc{suffix}.png")
+        plot_froc(set_curves, path, title=titles[set_name], max_fp=max_fp)
+        plots.append(str(path))
+    return plots
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -57,20 +57,24 @@ from _common import (
     image_eval,
     load_image,
     load_sets,
+    log_image,
     machine_info,
     markdown_table,
     mean_seconds,
     now_iso,
     percent,
     recall_cell,
+    run_line,
+    setup_logging,
     size_group,
     update_readme_section,
+    write_froc_plots,
     write_json,
 )
 
 from cascade.detector import BUNDLED_WEIGHTS, Detector
 from cascade.errors import CheckpointError
-from cascade.evaluate import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc, plot_froc
+from cascade.evaluate import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
 from cascade.fpr import extract_crops, score_crops
 from cascade.manifest import ImageRecord
 from cascade.preprocess import PreprocessedImage
@@ -260,16 +264,7 @@ def run(
         set_areas: list[float] = []
         for i, rec in enumerate(iset.records):
             group = size_group(rec, iset.name)
-            logger.info(
-                "%s %d/%d: %s (%s, %d×%d)",
-                iset.name,
-                i + 1,
-                len(iset.records),
-                rec.sop_instance_uid,
-                group,
-                rec.rows,
-                rec.columns,
-            )
+            log_image(iset, i, rec, group)
             vendors.append(str(rec.tags.get("vendor", "unknown")))
             pres: dict[float, tuple[PreprocessedImage, dict[str, float]]] = {}
             for c in cascades:
@@ -338,12 +333,8 @@ def run(
 
 def markdown(data: dict[str, Any]) -> str:
     """The README block: recall per set and method, per-vendor R@1 / R@5, seconds."""
-    mach = data["machine"]
-    gpu = f"; GPU {mach['cuda_device']}" if mach.get("cuda_device") else "; no GPU"
     lines = [
-        f"Run {data['created']} on {mach['cpu']} ({mach['cores']} cores, torch "
-        f"{mach['torch']} with {mach['torch_threads']} threads{gpu}; load average at start "
-        f"{mach['load_average_start'][0]:.1f}). Device: {data['device']}. Weights: "
+        f"{run_line(data)} Device: {data['device']}. Weights: "
         + "; ".join(
             f"{name} `{c['model_version']}`" + (" (bundled)" if c["bundled"] else "")
             for name, c in data["cascades"].items()
@@ -441,9 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--asn and --fpr go together (neither: the bundled weights)")
     if (args.ce is None) != (args.ce_fpr is None):
         ap.error("--ce and --ce-fpr go together")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for name in ("openjpeg", "libjpeg", "pylibjpeg", "rle"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging()
 
     machine = machine_info()
     cascades = []
@@ -474,14 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cascades": {c.name: c.info for c in cascades},
         **out,
     }
-    plots = []
-    for set_name, set_curves in curves.items():
-        suffix = "" if set_name == HELDOUT else f"_{FULL}"
-        path = args.out.with_name(f"{args.out.stem}_froc{suffix}.png")
-        title = "Detection accuracy, held-out" if set_name == HELDOUT else "Full-field set"
-        plot_froc(set_curves, path, title=title, max_fp=20)
-        plots.append(str(path))
-    data["plots"] = plots
+    data["plots"] = write_froc_plots(
+        curves,
+        args.out,
+        titles={HELDOUT: "Detection accuracy, held-out", FULL: "Full-field set"},
+        max_fp=20,
+    )
     write_json(args.out, data)
     print(markdown(data))
     if not args.no_readme:

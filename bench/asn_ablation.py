@@ -45,6 +45,7 @@ from _common import (
     machine_info,
     markdown_table,
     now_iso,
+    setup_logging,
     update_readme_section,
     write_json,
 )
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "asn_ablation.json")
     ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
     models = []
     for value in args.model:
         name, sep, path = value.partition("=")

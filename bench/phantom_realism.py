@@ -24,8 +24,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import re
 import time
 from collections.abc import Sequence
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import machine_info
 from scipy import ndimage
 
 from cascade.evaluate import ImageEval, dog_detect, froc
@@ -113,23 +112,6 @@ def _pct(values: Sequence[float]) -> dict[str, float]:
         return {}
     return {
         f"p{q}": round(float(v), 4) for q, v in zip(PCTS, np.percentile(values, PCTS), strict=True)
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model or platform.processor(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
     }
 
 

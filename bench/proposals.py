@@ -62,18 +62,22 @@ from _common import (
     image_eval,
     load_image,
     load_sets,
+    log_image,
     machine_info,
     markdown_table,
     mean_seconds,
     now_iso,
     recall_cell,
+    run_line,
+    setup_logging,
     size_group,
     update_readme_section,
+    write_froc_plots,
     write_json,
 )
 
 from cascade.checkpoint import load_checkpoint
-from cascade.evaluate import ImageEval, froc, plot_froc
+from cascade.evaluate import ImageEval, froc
 from cascade.preprocess import PreprocessedImage
 from cascade.proposals import ProposalConfig, candidates_xy, propose, residual_map
 
@@ -208,16 +212,7 @@ def run(
         dog: list[ImageEval] = []
         for i, rec in enumerate(iset.records):
             group = size_group(rec, iset.name)
-            logger.info(
-                "%s %d/%d: %s (%s, %d×%d)",
-                iset.name,
-                i + 1,
-                len(iset.records),
-                rec.sop_instance_uid,
-                group,
-                rec.rows,
-                rec.columns,
-            )
+            log_image(iset, i, rec, group)
             pres: dict[float, PreprocessedImage] = {}
             for m in models:
                 if m.spacing_mm not in pres:
@@ -277,12 +272,8 @@ def run(
 
 def markdown(data: dict[str, Any]) -> str:
     """The README block: recall tables per set, then seconds per image."""
-    mach = data["machine"]
-    gpu = f"; GPU {mach['cuda_device']}" if mach.get("cuda_device") else "; no GPU"
     lines = [
-        f"Run {data['created']} on {mach['cpu']} ({mach['cores']} cores, torch "
-        f"{mach['torch']} with {mach['torch_threads']} threads{gpu}; load average at start "
-        f"{mach['load_average_start'][0]:.1f}). Evaluation device: {data['device']}.",
+        f"{run_line(data)} Evaluation device: {data['device']}.",
         "",
     ]
     for set_name, set_res in data["results"].items():
@@ -391,9 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for name in ("openjpeg", "libjpeg", "pylibjpeg", "rle"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging()
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -455,14 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         **out,
     }
     data["machine"]["load_average_end"] = list(os.getloadavg())
-    plots = []
-    for set_name, set_curves in curves.items():
-        suffix = "" if set_name == HELDOUT else f"_{FULL}"
-        path = args.out.with_name(f"{args.out.stem}_froc{suffix}.png")
-        title = "ASN proposals, held-out" if set_name == HELDOUT else "ASN proposals, full-field"
-        plot_froc(set_curves, path, title=title, max_fp=30)
-        plots.append(str(path))
-    data["plots"] = plots
+    data["plots"] = write_froc_plots(
+        curves,
+        args.out,
+        titles={HELDOUT: "ASN proposals, held-out", FULL: "ASN proposals, full-field"},
+        max_fp=30,
+    )
     write_json(args.out, data)
     print(markdown(data))
     if not args.no_readme:
