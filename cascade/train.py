@@ -674,7 +674,7 @@ def train_fpr(
     Writes ``out/last.pt`` (resumable), ``out/best.pt`` (best cascade R@5 on the
     validation images, ties broken by R@1) and ``out/history.json``.
     """
-    from cascade.fpr import CROP_SIZE, prepare_batch
+    from cascade.fpr import CROP_SIZE, extract_crops, prepare_batch
 
     config = config or FPR_PRESETS["cpu"]
     out = Path(out)
@@ -723,8 +723,6 @@ def train_fpr(
         if val_recs
         else []
     )
-    from cascade.fpr import extract_crops
-
     other_crops = [
         extract_crops(
             im.image,
