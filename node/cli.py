@@ -7,6 +7,7 @@ and a node without torch-heavy work does not pay for it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -117,12 +118,12 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
         config = preset(args.preset, **overrides)
     except ValueError as exc:  # an unknown preset: a usage error, not a bug
         raise SystemExit(f"calcnode: error: {exc}") from exc
-    model_config = dict(config.model_config)
+    model_config = {**config.model_config}
     if args.width is not None:
         model_config["width"] = args.width
     if args.head is not None:
         model_config["head"] = args.head
-    config = preset(args.preset, **overrides, model_config=model_config)
+    config = dataclasses.replace(config, model_config=model_config)
     best = train_asn(
         manifest=args.manifest,
         val_manifest=args.val_manifest,
