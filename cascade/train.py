@@ -164,8 +164,6 @@ def _config_json(config: Any) -> dict[str, Any]:
     d = asdict(config)
     d["model_config"] = dict(config.model_config)
     d["proposal"] = dict(config.proposal)
-    if "other_negatives" in d:
-        d["other_negatives"] = list(d["other_negatives"])
     return d
 
 
