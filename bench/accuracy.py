@@ -7,6 +7,10 @@ x = column, y = row, 0-based, first pixel's centre at (0, 0)):
 1. **ASN + FPR** — the cascade as :class:`cascade.detector.Detector` runs it
    (bundled weights by default), final score = ASN score × FPR probability;
 2. **U-Net (CE) + FPR** — the paper's baseline, when ``--ce`` and ``--ce-fpr`` are given;
+   Each cascade also as the node reports it: candidates the FPR calls false positives
+   (probability < ``--fpr-threshold``, default 0.5) removed, the rest ranked by the
+   same product; and, where the weights folder stores an operating point
+   (``calcnode train calibrate``), the recall, FP/image and findings/image there;
 3. **ASN proposals** alone — the same candidates as (1), scored by the ASN score;
 4. **DoG** — the classical difference-of-Gaussians detector on the preprocessed
    70-µm image, inside the breast mask (without its outer 2 mm).
@@ -72,7 +76,7 @@ from _common import (
     write_json,
 )
 
-from cascade.detector import BUNDLED_WEIGHTS, Detector
+from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
 from cascade.errors import CheckpointError
 from cascade.evaluate import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
 from cascade.fpr import extract_crops, score_crops
@@ -122,6 +126,12 @@ class Cascade:
     detector: Detector
     info: dict[str, Any]
     evals: dict[str, list[ImageEval]] = field(default_factory=dict)
+    operating_point: OperatingPoint | None = None
+
+
+def gated_name(name: str, fpr_threshold: float) -> str:
+    """The method name of a cascade whose FPR decision (probability ≥ t) is applied."""
+    return f"{name}, FPR ≥ {fpr_threshold:g}"
 
 
 def load_cascade(
@@ -130,7 +140,7 @@ def load_cascade(
     """A :class:`Detector` (bundled weights when ``asn`` is None) and its description."""
     if asn is None:
         try:
-            det = Detector.bundled(device=device)
+            det = Detector.bundled(device=device, calibrated=False)
         except CheckpointError as exc:
             raise SystemExit(f"{exc}: pass --asn and --fpr") from None
         asn_path = BUNDLED_WEIGHTS / "asn.pt"
@@ -248,16 +258,25 @@ def run(
     *,
     dog_border_mm: float,
     device_label: str,
+    fpr_threshold: float,
 ) -> dict[str, Any]:
     """Evaluate every method on every set, timing each stage per image."""
     timing = TimingLog()
+    at_point: dict[str, Any] = {}
     results: dict[str, Any] = {}
     per_vendor: dict[str, Any] = {}
     areas: dict[str, Any] = {}
     consistency: dict[str, Any] = {}
     curves: dict[str, dict[str, Any]] = {}
     for iset in sets:
-        evals: dict[str, list[ImageEval]] = {c.name: [] for c in cascades}
+        evals: dict[str, list[ImageEval]] = {}
+        for c in cascades:
+            evals[c.name] = []
+            if fpr_threshold > 0:
+                evals[gated_name(c.name, fpr_threshold)] = []
+        point_evals: dict[str, list[ImageEval]] = {
+            c.name: [] for c in cascades if c.operating_point is not None
+        }
         evals[ASN_ONLY] = []
         evals[DOG] = []
         vendors: list[str] = []
@@ -279,6 +298,22 @@ def run(
                 xy, asn_scores, fpr_scores = run_cascade(c.detector, pre, timer)
                 final = asn_scores * fpr_scores
                 evals[c.name].append(image_eval(rec, xy, final, area_cm2=area))
+                if fpr_threshold > 0:
+                    keep = fpr_scores >= fpr_threshold
+                    evals[gated_name(c.name, fpr_threshold)].append(
+                        image_eval(rec, xy[keep], final[keep], area_cm2=area)
+                    )
+                op = c.operating_point
+                if op is not None:
+                    keep = np.flatnonzero(
+                        (fpr_scores >= op.fpr_threshold) & (final >= op.min_score)
+                    )
+                    keep = keep[np.argsort(-final[keep], kind="stable")]
+                    if op.max_detections:
+                        keep = keep[: op.max_detections]
+                    point_evals[c.name].append(
+                        image_eval(rec, xy[keep], final[keep], area_cm2=area)
+                    )
                 seconds = {**io_seconds, **timer.seconds}
                 seconds["total"] = sum(seconds.values())
                 timing.add(c.name, device_label, group, seconds)
@@ -305,6 +340,17 @@ def run(
             set_curves[name] = res
         results[iset.name] = set_results
         curves[iset.name] = set_curves
+        at_point[iset.name] = {}
+        for name, image_evals in point_evals.items():
+            res = froc(image_evals, ks=KS)
+            last = len(res.thresholds) - 1
+            at_point[iset.name][name] = {
+                "recall": float(res.recall[last]) if last >= 0 else 0.0,
+                "fp_per_image": float(res.fp_per_image[last]) if last >= 0 else 0.0,
+                "findings_per_image": res.n_detections / max(res.n_images, 1),
+                "n_images": res.n_images,
+                "n_truth": res.n_truth,
+            }
         vendor_res: dict[str, Any] = {}
         for name in (n for n in (ASN_FPR, CE_FPR) if n in evals):
             vendor_res[name] = {}
@@ -325,6 +371,7 @@ def run(
         "results": results,
         "per_vendor": per_vendor,
         "breast_area_cm2": areas,
+        "at_operating_point": at_point,
         "consistency": consistency,
         "timing": timing.to_json(),
         "_curves": curves,
@@ -365,6 +412,17 @@ def markdown(data: dict[str, Any]) -> str:
             rows.append(cells)
         lines.append(markdown_table(header, rows, right=1))
         lines.append("")
+        for name, pt in data.get("at_operating_point", {}).get(set_name, {}).items():
+            op = data["cascades"][name]["operating_point"]
+            lines.append(
+                f"{name} at its stored operating point (FPR ≥ {op['fpr_threshold']:g}, score ≥ "
+                f"{op['min_score']:.4g}, calibrated on "
+                f"{op['calibration'].get('images', '?')} validation images for "
+                f"{op['calibration'].get('target_fp_per_image', '?')} FP/image): recall "
+                f"{percent(pt['recall'])} %, {pt['fp_per_image']:.2f} FP/image, "
+                f"{pt['findings_per_image']:.1f} findings/image."
+            )
+            lines.append("")
         by_cascade = data["per_vendor"][set_name]
         names = list(by_cascade)
         lines.append(f"Per vendor ({title.lower()}), R@1 / R@5 in %:")
@@ -426,6 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=RESULTS / "accuracy.json",
         help="JSON result file (default bench/results/accuracy.json)",
     )
+    ap.add_argument(
+        "--fpr-threshold",
+        type=float,
+        default=0.5,
+        help="also score each cascade without candidates the FPR rejects (default 0.5; 0: off)",
+    )
     ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = ap.parse_args(argv)
     if (args.asn is None) != (args.fpr is None):
@@ -436,15 +500,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = machine_info()
     cascades = []
-    det, info = load_cascade(ASN_FPR, args.asn, args.fpr, device=args.device)
-    cascades.append(Cascade(ASN_FPR, det, info))
-    if args.ce is not None:
-        det, info = load_cascade(CE_FPR, args.ce, args.ce_fpr, device=args.device)
-        cascades.append(Cascade(CE_FPR, det, info))
+    for name, asn, fpr in ((ASN_FPR, args.asn, args.fpr), (CE_FPR, args.ce, args.ce_fpr)):
+        if name == CE_FPR and asn is None:
+            continue
+        det, info = load_cascade(name, asn, fpr, device=args.device)
+        op = OperatingPoint.for_weights(BUNDLED_WEIGHTS if asn is None else asn.parent)
+        info["operating_point"] = None if op is None else op.to_json()
+        cascades.append(Cascade(name, det, info, operating_point=op))
     device_label = cascades[0].detector.device.type
     sets = load_sets(args.manifest, args.full_manifest, limit=args.limit)
 
-    out = run(cascades, sets, dog_border_mm=args.dog_border_mm, device_label=device_label)
+    out = run(
+        cascades,
+        sets,
+        dog_border_mm=args.dog_border_mm,
+        device_label=device_label,
+        fpr_threshold=args.fpr_threshold,
+    )
     curves = out.pop("_curves")
     machine["load_average_end"] = list(os.getloadavg())
     data: dict[str, Any] = {
@@ -460,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ks": list(KS),
         "ks_per_cm2": list(KS_PER_CM2),
         "dog_border_mm": args.dog_border_mm,
+        "fpr_threshold": args.fpr_threshold,
         "cascades": {c.name: c.info for c in cascades},
         **out,
     }

@@ -1,7 +1,8 @@
 """Render the phantom sets of ``bench/gpu_presets.sh`` in parallel, one manifest each.
 
-Usage: ``python bench/gpu_phantoms.py ROOT PARTS PER_PART`` writes ``ROOT/train``
-(PARTS × PER_PART small images, seeds 1000 + part), ``ROOT/val`` (6, seed 2000),
+Usage: ``python bench/gpu_phantoms.py ROOT PARTS PER_PART [VAL]`` writes ``ROOT/train``
+(PARTS × PER_PART small images, seeds 1000 + part), ``ROOT/val`` (VAL, default 6, seed
+2000: 16 are the ``make weights`` validation set),
 ``ROOT/test`` (8, seed 3000) and ``ROOT/full`` (one full-field image, seed 5000),
 each with a ``manifest.jsonl`` whose paths are relative to it.
 """
@@ -41,11 +42,12 @@ def merge(folder: Path) -> int:
 
 def main(argv: list[str]) -> None:
     root, parts, per_part = Path(argv[0]), int(argv[1]), int(argv[2])
+    n_val = int(argv[3]) if len(argv) > 3 else 6
     jobs: list[Job] = [
         (root / f"train/p{i:02d}", per_part, 1000 + i, "small") for i in range(parts)
     ]
     jobs += [
-        (root / "val/p00", 6, 2000, "small"),
+        (root / "val/p00", n_val, 2000, "small"),
         (root / "test/p00", 8, 3000, "small"),
         (root / "full/p00", 1, 5000, "full"),
     ]

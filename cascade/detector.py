@@ -7,10 +7,11 @@ grid: ``x`` = column, ``y`` = row, 0-based, the centre of the first pixel at
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,10 +22,120 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUNDLED_WEIGHTS", "Detection", "Detector", "ImageDetections"]
+__all__ = [
+    "BUNDLED_WEIGHTS",
+    "Detection",
+    "Detector",
+    "ImageDetections",
+    "OperatingPoint",
+    "calibrate_operating_point",
+]
 
 #: Folder of the weights shipped in the package (trained on synthetic phantoms only).
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatingPoint:
+    """Which of the cascade's scored candidates are reported.
+
+    The cascade scores every candidate (final score = ASN score × FPR probability,
+    the paper's fusion); a FROC curve needs them all. What a reader sees is one point
+    on that curve:
+
+    1. the FPR's own decision: a candidate whose FPR probability is below
+       ``fpr_threshold`` is a false positive and removed (this is what leaves most
+       vascular calcifications alone: their FPR probability is low while their
+       summed ASN score, over a long vessel segment, is as high as a µC's);
+    2. the survivors whose final score is at least ``min_score``, highest first;
+    3. at most ``max_detections`` of them (0 = no limit).
+
+    Parameters
+    ----------
+    fpr_threshold : float
+        In [0, 1]; 0 keeps every candidate.
+    min_score : float
+        ≥ 0; final-score threshold, usually chosen on validation images by
+        :func:`calibrate_operating_point` for a target false-positive rate.
+    max_detections : int
+        ≥ 0; 0 = no limit.
+    calibration : mapping
+        How ``min_score`` was chosen (data, target FP/image, the recall reached);
+        descriptive only.
+    """
+
+    fpr_threshold: float = 0.5
+    min_score: float = 0.0
+    max_detections: int = 0
+    calibration: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("fpr_threshold", "min_score"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"OperatingPoint.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"OperatingPoint.{name} must be finite, got {value!r}")
+        if not 0.0 <= self.fpr_threshold <= 1.0:
+            raise ValueError(
+                f"OperatingPoint.fpr_threshold must lie in [0, 1], got {self.fpr_threshold}"
+            )
+        if self.min_score < 0:
+            raise ValueError(f"OperatingPoint.min_score must be ≥ 0, got {self.min_score}")
+        if (
+            isinstance(self.max_detections, bool)
+            or not isinstance(self.max_detections, int)
+            or self.max_detections < 0
+        ):
+            raise ValueError(
+                f"OperatingPoint.max_detections must be an integer ≥ 0, got {self.max_detections!r}"
+            )
+
+    def keeps(self, *, score: float, fpr_score: float) -> bool:
+        """Whether a candidate passes the thresholds (the count limit aside)."""
+        return fpr_score >= self.fpr_threshold and score >= self.min_score
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``operating_point`` object of ``weights.json``."""
+        return {
+            "fpr_threshold": float(self.fpr_threshold),
+            "min_score": float(self.min_score),
+            "max_detections": int(self.max_detections),
+            "calibration": dict(self.calibration),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OperatingPoint:
+        """Inverse of :meth:`to_json`; unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an operating point must be a JSON object, got {data!r}")
+        unknown = sorted(
+            set(data) - {"fpr_threshold", "min_score", "max_detections", "calibration"}
+        )
+        if unknown:
+            raise ValueError(f"unknown operating-point keys: {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def for_weights(cls, folder: str | os.PathLike[str]) -> OperatingPoint | None:
+        """The operating point stored in ``folder/weights.json``, or None if there is none.
+
+        Raises
+        ------
+        CheckpointError
+            ``weights.json`` exists but cannot be read or holds a bad operating point.
+        """
+        from cascade.errors import CheckpointError
+
+        path = Path(folder) / "weights.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            op = data.get("operating_point")
+            return None if op is None else cls.from_json(op)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: unusable operating point: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -144,8 +255,9 @@ class Detector:
         Overrides the proposal settings stored in the ASN checkpoint.
     fpr_batch_size : int
         Crops per FPR forward pass.
-    min_score : float
-        Detections with a final score below this are dropped.
+    operating_point : OperatingPoint or None
+        Which detections :meth:`detect` returns; None = every candidate, scored
+        (what FROC evaluation needs).
     """
 
     def __init__(
@@ -156,7 +268,7 @@ class Detector:
         device: str = "auto",
         proposal: Any = None,
         fpr_batch_size: int = 256,
-        min_score: float = 0.0,
+        operating_point: OperatingPoint | None = None,
     ) -> None:
         from cascade.checkpoint import checkpoint_sha256, load_checkpoint
         from cascade.proposals import ProposalConfig
@@ -190,16 +302,22 @@ class Detector:
             self.fpr_sha256 = checkpoint_sha256(fpr_checkpoint)
             self.fpr_input_size = int(fpr.meta.get("model_config", {}).get("input_size", 56))
         self.fpr_batch_size = fpr_batch_size
-        self.min_score = min_score
+        self.operating_point = operating_point
 
     @classmethod
-    def bundled(cls, *, device: str = "auto", **kwargs: Any) -> Detector:
-        """The detector shipped with calcnode (trained on phantoms: not for clinical use)."""
+    def bundled(cls, *, device: str = "auto", calibrated: bool = True, **kwargs: Any) -> Detector:
+        """The detector shipped with calcnode (trained on phantoms: not for clinical use).
+
+        With ``calibrated`` (the default) it reports at the operating point stored in the
+        bundled ``weights.json``; ``calibrated=False`` returns every candidate.
+        """
         asn, fpr = BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt"
         if not asn.is_file():
             from cascade.errors import CheckpointError
 
             raise CheckpointError(f"no bundled ASN weights at {asn}")
+        if calibrated and "operating_point" not in kwargs:
+            kwargs["operating_point"] = OperatingPoint.for_weights(BUNDLED_WEIGHTS)
         return cls(asn, fpr if fpr.is_file() else None, device=device, **kwargs)
 
     @property
@@ -246,11 +364,20 @@ class Detector:
             )
         else:
             probs = np.ones(len(cands))
+        scored = sorted(
+            (
+                (cand.asn_score * float(p), float(np.clip(p, 0.0, 1.0)), cand)
+                for cand, p in zip(cands, probs, strict=True)
+            ),
+            key=lambda t: -t[0],
+        )
+        op = self.operating_point
+        if op is not None:
+            scored = [t for t in scored if op.keeps(score=t[0], fpr_score=t[1])]
+            if op.max_detections:
+                scored = scored[: op.max_detections]
         dets = []
-        for cand, p in zip(cands, probs, strict=True):
-            score = cand.asn_score * float(p)
-            if score < self.min_score:
-                continue
+        for score, p, cand in scored:
             mask, origin = _mask_to_source(cand, pre.transform)
             dets.append(
                 Detection(
@@ -258,13 +385,12 @@ class Detector:
                     y=cand.y,
                     score=score,
                     asn_score=cand.asn_score,
-                    fpr_score=float(np.clip(p, 0.0, 1.0)),
+                    fpr_score=p,
                     radius_px=cand.radius_px,
                     mask=mask,
                     mask_origin=origin,
                 )
             )
-        dets.sort(key=lambda d: -d.score)
         if path == "" and isinstance(source, (str, os.PathLike)):
             path = str(source)
         return ImageDetections(
@@ -310,3 +436,75 @@ def _mask_to_source(cand: Any, transform: Any) -> tuple[np.ndarray, tuple[int, i
         cc = int(np.clip(round(cand.x), 0, cols_src - 1))
         return np.ones((1, 1), dtype=bool), (rr, cc)
     return src, (sr0, sc0)
+
+
+def calibrate_operating_point(
+    results: Sequence[tuple[ImageDetections, np.ndarray]],
+    *,
+    target_fp_per_image: float,
+    fpr_threshold: float = 0.5,
+    max_detections: int = 0,
+    description: Mapping[str, Any] | None = None,
+) -> OperatingPoint:
+    """Choose ``min_score`` so that about ``target_fp_per_image`` false positives remain.
+
+    Parameters
+    ----------
+    results : sequence of (ImageDetections, numpy.ndarray)
+        Every candidate of each validation image (a detector without operating point)
+        with the image's ``(N, 2)`` µC centres (x = column, y = row, received grid).
+    target_fp_per_image : float
+        > 0; the chosen point is the lowest final-score threshold whose false
+        positives per image (after the FPR threshold, 1-mm rule) do not exceed it.
+    fpr_threshold : float
+        The FPR decision applied before the score threshold.
+    max_detections : int
+        Stored as is (0 = no limit).
+    description : mapping or None
+        What the images were (stored under ``calibration``).
+
+    Returns
+    -------
+    OperatingPoint
+        With ``calibration`` holding the target, the FP/image and recall reached.
+    """
+    from cascade.evaluate import ImageEval, froc
+
+    if not (target_fp_per_image > 0 and math.isfinite(target_fp_per_image)):
+        raise ValueError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")
+    if not results:
+        raise ValueError("calibration needs at least one image")
+    evals = []
+    for found, truth in results:
+        kept = [d for d in found.detections if d.fpr_score >= fpr_threshold]
+        evals.append(
+            ImageEval(
+                np.asarray(truth, dtype=np.float64).reshape(-1, 2),
+                np.array([[d.x, d.y] for d in kept], dtype=np.float64).reshape(-1, 2),
+                np.array([d.score for d in kept], dtype=np.float64),
+                spacing_mm=found.pixel_spacing_mm,
+            )
+        )
+    curve = froc(evals)
+    ok = np.flatnonzero(curve.fp_per_image <= target_fp_per_image)
+    if len(ok):
+        i = int(ok[-1])
+        min_score, fp, recall = float(curve.thresholds[i]), curve.fp_per_image[i], curve.recall[i]
+    else:  # even the best-scored detection is a false positive on too many images
+        min_score = (
+            math.nextafter(float(curve.thresholds[0]), math.inf) if len(curve.thresholds) else 0.0
+        )
+        fp, recall = 0.0, 0.0
+    return OperatingPoint(
+        fpr_threshold=fpr_threshold,
+        min_score=min_score,
+        max_detections=max_detections,
+        calibration={
+            **dict(description or {}),
+            "images": curve.n_images,
+            "calcifications": curve.n_truth,
+            "target_fp_per_image": float(target_fp_per_image),
+            "fp_per_image": float(fp),
+            "recall": float(recall),
+        },
+    )

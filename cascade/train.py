@@ -23,6 +23,7 @@ import torch
 from cascade._version import __version__
 from cascade.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from cascade.datasets import Augmentation, PatchSampler, TrainingImage, load_training_images
+from cascade.detector import OperatingPoint
 from cascade.errors import TrainingError
 from cascade.evaluate import ImageEval, froc
 from cascade.losses import get_loss, residual
@@ -37,6 +38,7 @@ __all__ = [
     "FPR_PRESETS",
     "AsnTrainConfig",
     "FprTrainConfig",
+    "calibrate_weights",
     "resolve_device",
     "split_records",
     "train_asn",
@@ -909,3 +911,86 @@ def export_weights(
         }
     (out / "weights.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     return out
+
+
+def calibrate_weights(
+    folder: str | Path,
+    manifest: str | Path,
+    *,
+    target_fp_per_image: float = 1.0,
+    fpr_threshold: float = 0.5,
+    max_detections: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> OperatingPoint:
+    """Choose a weights folder's operating point on validation images; store it.
+
+    Runs the folder's cascade (``asn.pt``, ``fpr.pt``) on every image of ``manifest``,
+    drops candidates the FPR calls false positives (probability < ``fpr_threshold``)
+    and picks the final-score threshold that leaves at most ``target_fp_per_image``
+    false positives per image (1-mm rule). The result goes into ``weights.json`` as
+    ``operating_point`` (the checkpoints are not touched) and is returned as a
+    :class:`cascade.detector.OperatingPoint`. Use images no model was trained on.
+
+    Raises
+    ------
+    TrainingError
+        No ``weights.json`` or ``asn.pt`` in the folder, or an empty manifest.
+    """
+    from cascade.detector import Detector, calibrate_operating_point
+
+    if not (
+        isinstance(target_fp_per_image, (int, float))
+        and target_fp_per_image > 0
+        and math.isfinite(target_fp_per_image)
+    ):
+        raise TrainingError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")
+    try:  # the other options, checked before the cascade runs on every image
+        OperatingPoint(fpr_threshold=fpr_threshold, max_detections=max_detections)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(str(exc)) from None
+    folder = Path(folder)
+    meta_path, asn, fpr = folder / "weights.json", folder / "asn.pt", folder / "fpr.pt"
+    if not meta_path.is_file() or not asn.is_file():
+        raise TrainingError(f"{folder}: not a weights folder (needs weights.json and asn.pt)")
+    records = read_manifest(manifest)
+    if not records:
+        raise TrainingError(f"{manifest}: no images to calibrate on")
+    detector = Detector(asn, fpr if fpr.is_file() else None, device=device)
+    iterator: Any = records
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(records, desc="calibrating", unit="image")
+    results = [
+        (
+            detector.detect(rec.path),
+            np.array([[c.x, c.y] for c in rec.calcifications], dtype=np.float64).reshape(-1, 2),
+        )
+        for rec in iterator
+    ]
+    op = calibrate_operating_point(
+        results,
+        target_fp_per_image=target_fp_per_image,
+        fpr_threshold=fpr_threshold,
+        max_detections=max_detections,
+        description={
+            "manifest": str(manifest),
+            "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
+        },
+    )
+    record = json.loads(meta_path.read_text(encoding="utf-8"))
+    record["operating_point"] = op.to_json()
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(meta_path)
+    logger.info(
+        "operating point of %s: FPR ≥ %.2f, score ≥ %.4g → %.2f FP/image, recall %.3f on %d images",
+        folder,
+        op.fpr_threshold,
+        op.min_score,
+        op.calibration["fp_per_image"],
+        op.calibration["recall"],
+        op.calibration["images"],
+    )
+    return op

@@ -112,6 +112,8 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
         overrides["beta"] = args.beta
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.val_images is not None:
+        overrides["val_images"] = args.val_images
     if args.iterations is not None:
         overrides["iterations_per_epoch"] = args.iterations
     try:
@@ -143,6 +145,8 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.val_images is not None:
+        overrides["val_images"] = args.val_images
     if args.lr is not None:
         overrides["lr"] = args.lr
     if args.optimizer is not None:
@@ -175,6 +179,28 @@ def _cmd_train_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_calibrate(args: argparse.Namespace) -> int:
+    from cascade.train import calibrate_weights
+
+    op = calibrate_weights(
+        args.weights,
+        args.manifest,
+        target_fp_per_image=args.target_fp,
+        fpr_threshold=args.fpr_threshold,
+        max_detections=args.max_detections,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    cal = op.calibration
+    print(
+        f"operating point stored in {args.weights}/weights.json: FPR probability ≥ "
+        f"{op.fpr_threshold:g}, final score ≥ {op.min_score:.4g} → {cal['fp_per_image']:.2f} "
+        f"false positives per image, recall {100 * cal['recall']:.1f} % of "
+        f"{cal['calcifications']} µCs in {cal['images']} images"
+    )
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the ASN or the FPR network")
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
@@ -193,6 +219,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--resume", type=Path, help="continue from this last.pt")
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
+        q.add_argument(
+            "--val-images",
+            type=int,
+            help="validation images scored after each epoch (default: the preset's)",
+        )
 
     asn = tsub.add_parser("asn", help="train the anomaly separation network (U-Net)")
     common(asn)
@@ -243,14 +274,53 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     exp.set_defaults(func=_cmd_train_export)
 
+    cal = tsub.add_parser(
+        "calibrate",
+        help="choose a weights folder's operating point on validation images",
+        description="Run the folder's cascade on a validation manifest, drop what the FPR "
+        "calls false positives and store in weights.json the final-score threshold that "
+        "leaves at most --target-fp false positives per image (1-mm rule). The node and "
+        "calcnode detect report at this operating point.",
+    )
+    cal.add_argument("--weights", type=Path, required=True, help="weights folder (train export)")
+    cal.add_argument("--manifest", type=Path, required=True, help="validation manifest (.jsonl)")
+    cal.add_argument(
+        "--target-fp", type=float, default=1.0, help="false positives per image (default 1)"
+    )
+    cal.add_argument(
+        "--fpr-threshold",
+        type=float,
+        default=0.5,
+        help="drop candidates whose FPR probability is below this (default 0.5)",
+    )
+    cal.add_argument(
+        "--max-detections", type=int, default=0, help="at most this many per image (0: no limit)"
+    )
+    cal.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(func=_cmd_train_calibrate)
+
 
 # --------------------------------------------------------------------------- detect
-def _detector(args: argparse.Namespace):
-    from cascade.detector import Detector
+def _detector(args: argparse.Namespace, *, calibrated: bool):
+    """The bundled detector or ``--asn``/``--fpr``; with ``calibrated``, reporting at the
+    operating point of the weights folder (``weights.json`` beside the ASN checkpoint)."""
+    from cascade.detector import Detector, OperatingPoint
 
     if args.asn is None:
-        return Detector.bundled(device=args.device)
-    return Detector(args.asn, args.fpr, device=args.device)
+        return Detector.bundled(device=args.device, calibrated=calibrated)
+    op = None
+    if calibrated:
+        # A folder's operating point was calibrated on its own asn.pt × fpr.pt scores.
+        own_fpr = args.asn.parent / "fpr.pt"
+        if args.fpr is not None and args.fpr.resolve() == own_fpr.resolve():
+            op = OperatingPoint.for_weights(args.asn.parent)
+        if op is None:
+            logger.info(
+                "no operating point for these checkpoints (weights.json beside --asn, "
+                "calibrated with the fpr.pt beside it): reporting every candidate"
+            )
+    return Detector(args.asn, args.fpr, device=args.device, operating_point=op)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -266,7 +336,17 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             files.append(item)
     if not files:
         raise CalcnodeError("no input files (give DICOM files or folders holding *.dcm)")
-    detector = _detector(args)
+    detector = _detector(args, calibrated=not args.all_candidates)
+    op = detector.operating_point
+    if op is None:
+        logger.info("reporting every candidate (no operating point)")
+    else:
+        logger.info(
+            "operating point: FPR probability ≥ %g, final score ≥ %.4g, at most %s per image",
+            op.fpr_threshold,
+            op.min_score,
+            op.max_detections or "any number",
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
     for path in files:
@@ -295,6 +375,11 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--preview", action="store_true", help="also write PNGs with circles")
     p.add_argument(
+        "--all-candidates",
+        action="store_true",
+        help="report every scored candidate (for FROC) instead of the weights' operating point",
+    )
+    p.add_argument(
         "--preview-min-score",
         type=float,
         default=0.0,
@@ -319,7 +404,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.detections is not None:
         detections = json.loads(args.detections.read_text())
     else:
-        detector = _detector(args)
+        detector = _detector(args, calibrated=False)
         detections = {"images": [detector.detect(r.path).to_json() for r in records]}
     areas = {}
     for rec in records:

@@ -512,6 +512,10 @@ class DestinationSettings:
         _check_kinds(self.kinds, "kinds")
 
 
+#: Values of ``model.operating_point``.
+OPERATING_POINTS = ("calibrated", "all")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSettings:
     """The detector's weights and where it runs.
@@ -524,17 +528,31 @@ class ModelSettings:
         ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     torch_threads : int
         CPU threads per worker process for torch; 0 = torch's default.
+    operating_point : str
+        ``calibrated``: report what the weights' ``weights.json`` operating point keeps
+        (FPR decision plus a score threshold chosen on validation images; without one,
+        the FPR decision alone); ``all``: every scored candidate.
+    max_findings : int
+        At most this many findings per image, highest scores first; 0 = no limit.
     """
 
     path: Path | None = None
     device: str = "auto"
     torch_threads: int = 0
+    operating_point: str = "calibrated"
+    max_findings: int = 0
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise _FieldError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check_min(self.torch_threads, "torch_threads", 0)
+        if self.operating_point not in OPERATING_POINTS:
+            raise _FieldError(
+                "operating_point",
+                f"must be {' or '.join(OPERATING_POINTS)}, got {self.operating_point!r}",
+            )
+        _check_min(self.max_findings, "max_findings", 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

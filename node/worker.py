@@ -37,6 +37,7 @@ Logs carry job ids and UIDs only, never patient data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,7 +58,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from cascade._version import __version__
-from cascade.detector import BUNDLED_WEIGHTS, Detection, ImageDetections
+from cascade.detector import BUNDLED_WEIGHTS, Detection, ImageDetections, OperatingPoint
 from cascade.errors import ConfigError, InvalidImageError
 from node import sdnotify
 from node.reports.common import Provenance
@@ -247,7 +248,44 @@ def load_detector(settings: Settings, device: str | None = None) -> DetectorLike
     files = model_files(settings)
     if settings.model.torch_threads > 0:
         torch.set_num_threads(settings.model.torch_threads)
-    return Detector(files.asn, files.fpr, device=device or settings.model.device)
+    return Detector(
+        files.asn,
+        files.fpr,
+        device=device or settings.model.device,
+        operating_point=operating_point(settings, files),
+    )
+
+
+def operating_point(settings: Settings, files: ModelFiles) -> OperatingPoint:
+    """What the node reports: ``model.operating_point`` and ``model.max_findings``.
+
+    ``calibrated`` takes the operating point stored in the weights folder's
+    ``weights.json`` (beside the ASN checkpoint); a folder without one reports what the
+    FPR keeps (probability ≥ 0.5), with a warning. ``all`` reports every candidate.
+
+    Raises
+    ------
+    CheckpointError
+        ``weights.json`` holds an unusable operating point.
+    """
+    if settings.model.operating_point == "all":
+        op = OperatingPoint(fpr_threshold=0.0, min_score=0.0)
+    else:
+        stored = OperatingPoint.for_weights(files.asn.parent)
+        if stored is None:
+            logger.warning(
+                "model.operating_point = calibrated, but %s has no operating point in "
+                "weights.json (calcnode train calibrate); reporting what the FPR keeps",
+                files.asn.parent,
+            )
+            stored = OperatingPoint()
+        op = stored
+    limit = settings.model.max_findings
+    if limit:
+        op = dataclasses.replace(
+            op, max_detections=min(limit, op.max_detections) if op.max_detections else limit
+        )
+    return op
 
 
 # --------------------------------------------------------------------------- storage

@@ -20,7 +20,7 @@ import torch
 from cascade._version import __version__
 from cascade.checkpoint import checkpoint_sha256, load_checkpoint
 from cascade.datasets import TrainingImage
-from cascade.detector import Detector
+from cascade.detector import Detector, OperatingPoint
 from cascade.errors import CheckpointError, TrainingError
 from cascade.manifest import ImageRecord, OtherFinding, read_manifest, write_manifest
 from cascade.models import get_model
@@ -305,16 +305,25 @@ def test_detector_without_fpr_gives_asn_proposals_with_fpr_score_one(
 
 
 @pytest.mark.slow
-def test_detector_min_score_drops_low_scores(small_manifest: Path, asn_run: Path) -> None:
+def test_detector_operating_point_keeps_the_top_scores_the_fpr_accepts(
+    small_manifest: Path, asn_run: Path, fpr_run: Path
+) -> None:
     rec = read_manifest(small_manifest)[0]
-    all_dets = Detector(asn_run / "best.pt", device="cpu").detect(rec.path).detections
-    if len(all_dets) < 2:
-        pytest.skip("the tiny ASN proposed fewer than 2 candidates")
-    cut = all_dets[len(all_dets) // 2].score
-    kept = Detector(asn_run / "best.pt", device="cpu", min_score=cut).detect(rec.path).detections
-    assert len(kept) >= 1
-    assert all(d.score >= cut for d in kept)
-    assert len(kept) == sum(d.score >= cut for d in all_dets)
+    every = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu").detect(rec.path)
+    assert len(every.detections) >= 3, "the tiny cascade should propose a few candidates"
+    scores = sorted(d.score for d in every.detections)
+    probs = sorted(d.fpr_score for d in every.detections)
+    op = OperatingPoint(
+        fpr_threshold=probs[0], min_score=scores[len(scores) // 2], max_detections=2
+    )
+    kept = Detector(
+        asn_run / "best.pt", fpr_run / "best.pt", device="cpu", operating_point=op
+    ).detect(rec.path)
+    expected = [
+        d for d in every.detections if d.score >= op.min_score and d.fpr_score >= op.fpr_threshold
+    ][:2]
+    assert [(d.x, d.y, d.score) for d in kept.detections] == [(d.x, d.y, d.score) for d in expected]
+    assert 1 <= len(kept.detections) <= 2
 
 
 @pytest.mark.slow
