@@ -24,6 +24,7 @@ y = row, first pixel's CENTRE at (0, 0).
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -160,6 +161,10 @@ def _send_files(files: list[Path], *, port: int, called: str) -> int:
     return ok
 
 
+#: Sub-folders of the demo's working folder, all of them its own.
+DEMO_FOLDERS = ("phantoms", "node", "received", "previews", "untrained-model")
+
+
 def run_demo(
     out: Path, *, count: int = 4, seed: int = 0, size: str = "small", timeout: float | None = None
 ) -> int:
@@ -168,7 +173,9 @@ def run_demo(
     Parameters
     ----------
     out : Path
-        Working folder (created): phantoms, node state, received objects, previews.
+        Working folder (created): phantoms, node state, received objects, previews. What
+        an earlier demo left in these sub-folders is removed first: the same phantoms
+        sent again would be duplicates the node has already reported.
     count : int
         Phantom images to render (grouped into studies of 2–4 views).
     seed : int
@@ -201,6 +208,11 @@ def run_demo(
         raise ValueError(f"count must be a positive int, got {count!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    leftovers = [out / name for name in DEMO_FOLDERS if (out / name).exists()]
+    for folder in leftovers:
+        shutil.rmtree(folder)
+    if leftovers:
+        print(f"cleared the previous demo run in {out}")
 
     # 1. the model
     model_path: Path | None = None
