@@ -103,7 +103,11 @@ bundled detector unless other weights are given; final score = ASN score × FPR
 probability), the U-Net (CE) + FPR baseline, the ASN's candidates alone (ASN score) and
 a classical DoG detector. R@k = recall at k false positives per image, a µC counting as
 found when a detection lies within 1 mm of it (the paper's rule); seconds per image are
-end to end (read + preprocess + ASN + FPR). **Synthetic phantoms only: these numbers
+end to end (read + preprocess + ASN + FPR). Rows "…, FPR ≥ 0.5" score each cascade as
+the node reports it: candidates the FPR calls false positives removed, the rest ranked by
+the same product (the curve then stops where the survivors run out); a cascade whose
+weights folder stores an operating point (`calcnode train calibrate`) also gets its
+recall, FP/image and findings/image there. **Synthetic phantoms only: these numbers
 say nothing about clinical performance.** For context only, the paper's numbers on
 INbreast (real mammograms; the paper's, not ours):
 
