@@ -29,6 +29,7 @@ __all__ = [
     "ImageDetections",
     "OperatingPoint",
     "calibrate_operating_point",
+    "resolve_operating_point",
 ]
 
 #: Folder of the weights shipped in the package (trained on synthetic phantoms only).
@@ -60,8 +61,8 @@ class OperatingPoint:
     max_detections : int
         ≥ 0; 0 = no limit.
     calibration : mapping
-        How ``min_score`` was chosen (data, target FP/image, the recall reached);
-        descriptive only.
+        How ``min_score`` was chosen (data, target FP/image, the recall reached) and on
+        which checkpoints (``asn_sha256``, ``fpr_sha256``: see :meth:`for_checkpoints`).
     """
 
     fpr_threshold: float = 0.5
@@ -82,18 +83,46 @@ class OperatingPoint:
             )
         if self.min_score < 0:
             raise ValueError(f"OperatingPoint.min_score must be ≥ 0, got {self.min_score}")
-        if (
-            isinstance(self.max_detections, bool)
-            or not isinstance(self.max_detections, int)
-            or self.max_detections < 0
-        ):
+        if isinstance(self.max_detections, bool) or not isinstance(self.max_detections, int):
+            raise TypeError(
+                f"OperatingPoint.max_detections must be an integer, got {self.max_detections!r}"
+            )
+        if self.max_detections < 0:
             raise ValueError(
-                f"OperatingPoint.max_detections must be an integer ≥ 0, got {self.max_detections!r}"
+                f"OperatingPoint.max_detections must be ≥ 0, got {self.max_detections!r}"
+            )
+        if not isinstance(self.calibration, Mapping):
+            raise TypeError(
+                f"OperatingPoint.calibration must be a mapping, got {self.calibration!r}"
             )
 
     def keeps(self, *, score: float, fpr_score: float) -> bool:
         """Whether a candidate passes the thresholds (the count limit aside)."""
         return fpr_score >= self.fpr_threshold and score >= self.min_score
+
+    def select(self, scores: np.ndarray, fpr_scores: np.ndarray) -> np.ndarray:
+        """Indices of the reported candidates, highest final score first.
+
+        Parameters
+        ----------
+        scores, fpr_scores : numpy.ndarray
+            ``(N,)`` final scores and FPR probabilities of one image's candidates.
+
+        Returns
+        -------
+        numpy.ndarray
+            int ``(M,)``, M ≤ N (≤ ``max_detections`` when that is set); ties keep
+            their input order.
+        """
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        fpr_scores = np.asarray(fpr_scores, dtype=np.float64).reshape(-1)
+        if scores.shape != fpr_scores.shape:
+            raise ValueError(
+                f"scores and fpr_scores differ in length: {scores.shape} vs {fpr_scores.shape}"
+            )
+        keep = np.flatnonzero((fpr_scores >= self.fpr_threshold) & (scores >= self.min_score))
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        return keep[: self.max_detections] if self.max_detections else keep
 
     def to_json(self) -> dict[str, Any]:
         """The ``operating_point`` object of ``weights.json``."""
@@ -136,6 +165,70 @@ class OperatingPoint:
             return None if op is None else cls.from_json(op)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: unusable operating point: {exc}") from exc
+
+    @classmethod
+    def for_checkpoints(
+        cls,
+        asn: str | os.PathLike[str],
+        fpr: str | os.PathLike[str] | None,
+    ) -> OperatingPoint | None:
+        """The operating point stored beside ``asn`` if it was calibrated on these files.
+
+        A point is calibrated on one pair of checkpoints' scores; its ``calibration``
+        records their sha256 (``calcnode train calibrate`` writes them). Returns None,
+        with a warning, when ``weights.json`` beside ``asn`` holds a point calibrated on
+        other files (or not saying on which), and None when it holds none.
+
+        Raises
+        ------
+        CheckpointError
+            ``weights.json`` exists but holds an unusable operating point.
+        """
+        from cascade.checkpoint import checkpoint_sha256
+
+        folder = Path(asn).parent
+        stored = cls.for_weights(folder)
+        if stored is None:
+            return None
+        want = (
+            checkpoint_sha256(asn),
+            checkpoint_sha256(fpr) if fpr is not None else "",
+        )
+        have = (
+            str(stored.calibration.get("asn_sha256", "")),
+            str(stored.calibration.get("fpr_sha256", "")),
+        )
+        if have != want:
+            logger.warning(
+                "the operating point in %s/weights.json was calibrated on other checkpoints "
+                "than %s and %s; not used (calcnode train calibrate)",
+                folder,
+                Path(asn).name,
+                Path(fpr).name if fpr is not None else "no FPR",
+            )
+            return None
+        return stored
+
+
+def resolve_operating_point(
+    asn: str | os.PathLike[str], fpr: str | os.PathLike[str] | None
+) -> OperatingPoint:
+    """The calibrated point of these checkpoints, else the FPR's decision alone.
+
+    :meth:`OperatingPoint.for_checkpoints` when it finds one; otherwise
+    ``OperatingPoint()`` (FPR probability ≥ 0.5, no score threshold), with a warning.
+    ``calcnode detect``, :meth:`Detector.bundled` and the node all resolve it this way.
+    """
+    op = OperatingPoint.for_checkpoints(asn, fpr)
+    if op is None:
+        op = OperatingPoint()
+        logger.warning(
+            "no calibrated operating point for %s: reporting what the FPR keeps "
+            "(probability ≥ %.2f) with no score threshold",
+            Path(asn).parent,
+            op.fpr_threshold,
+        )
+    return op
 
 
 @dataclass(frozen=True)
@@ -302,6 +395,10 @@ class Detector:
             self.fpr_sha256 = checkpoint_sha256(fpr_checkpoint)
             self.fpr_input_size = int(fpr.meta.get("model_config", {}).get("input_size", 56))
         self.fpr_batch_size = fpr_batch_size
+        if operating_point is not None and not isinstance(operating_point, OperatingPoint):
+            raise TypeError(
+                f"operating_point must be an OperatingPoint or None, got {operating_point!r}"
+            )
         self.operating_point = operating_point
 
     @classmethod
@@ -309,16 +406,18 @@ class Detector:
         """The detector shipped with calcnode (trained on phantoms: not for clinical use).
 
         With ``calibrated`` (the default) it reports at the operating point stored in the
-        bundled ``weights.json``; ``calibrated=False`` returns every candidate.
+        bundled ``weights.json`` (see :func:`resolve_operating_point`); with
+        ``calibrated=False`` it returns every candidate, scored.
         """
         asn, fpr = BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt"
         if not asn.is_file():
             from cascade.errors import CheckpointError
 
             raise CheckpointError(f"no bundled ASN weights at {asn}")
+        fpr_path = fpr if fpr.is_file() else None
         if calibrated and "operating_point" not in kwargs:
-            kwargs["operating_point"] = OperatingPoint.for_weights(BUNDLED_WEIGHTS)
-        return cls(asn, fpr if fpr.is_file() else None, device=device, **kwargs)
+            kwargs["operating_point"] = resolve_operating_point(asn, fpr_path)
+        return cls(asn, fpr_path, device=device, **kwargs)
 
     @property
     def model_version(self) -> str:
@@ -364,18 +463,14 @@ class Detector:
             )
         else:
             probs = np.ones(len(cands))
-        scored = sorted(
-            (
-                (cand.asn_score * float(p), float(np.clip(p, 0.0, 1.0)), cand)
-                for cand, p in zip(cands, probs, strict=True)
-            ),
-            key=lambda t: -t[0],
-        )
+        scores = np.array([c.asn_score for c in cands], dtype=np.float64) * np.asarray(
+            probs, dtype=np.float64
+        ).reshape(-1)
+        fpr_scores = np.clip(np.asarray(probs, dtype=np.float64).reshape(-1), 0.0, 1.0)
         op = self.operating_point
-        if op is not None:
-            scored = [t for t in scored if op.keeps(score=t[0], fpr_score=t[1])]
-            if op.max_detections:
-                scored = scored[: op.max_detections]
+        everything = OperatingPoint(fpr_threshold=0.0)
+        order = (op or everything).select(scores, fpr_scores)
+        scored = [(float(scores[i]), float(fpr_scores[i]), cands[i]) for i in order]
         dets = []
         for score, p, cand in scored:
             mask, origin = _mask_to_source(cand, pre.transform)
@@ -459,7 +554,8 @@ def calibrate_operating_point(
     fpr_threshold : float
         The FPR decision applied before the score threshold.
     max_detections : int
-        Stored as is (0 = no limit).
+        At most this many per image (0 = no limit), applied before the threshold is
+        chosen, as the detector applies it.
     description : mapping or None
         What the images were (stored under ``calibration``).
 
@@ -474,9 +570,14 @@ def calibrate_operating_point(
         raise ValueError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")
     if not results:
         raise ValueError("calibration needs at least one image")
+    selector = OperatingPoint(fpr_threshold=fpr_threshold, max_detections=max_detections)
     evals = []
     for found, truth in results:
-        kept = [d for d in found.detections if d.fpr_score >= fpr_threshold]
+        order = selector.select(
+            np.array([d.score for d in found.detections], dtype=np.float64),
+            np.array([d.fpr_score for d in found.detections], dtype=np.float64),
+        )
+        kept = [found.detections[i] for i in order]
         evals.append(
             ImageEval(
                 np.asarray(truth, dtype=np.float64).reshape(-1, 2),
@@ -491,6 +592,12 @@ def calibrate_operating_point(
         i = int(ok[-1])
         min_score, fp, recall = float(curve.thresholds[i]), curve.fp_per_image[i], curve.recall[i]
     else:  # even the best-scored detection is a false positive on too many images
+        logger.warning(
+            "no score threshold leaves at most %g false positives per image on these %d "
+            "images: the operating point reports nothing",
+            target_fp_per_image,
+            curve.n_images,
+        )
         min_score = (
             math.nextafter(float(curve.thresholds[0]), math.inf) if len(curve.thresholds) else 0.0
         )

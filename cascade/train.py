@@ -975,6 +975,8 @@ def calibrate_weights(
         fpr_threshold=fpr_threshold,
         max_detections=max_detections,
         description={
+            "asn_sha256": checkpoint_sha256(asn),
+            "fpr_sha256": checkpoint_sha256(fpr) if fpr.is_file() else "",
             "manifest": str(manifest),
             "source": "synthetic phantoms (calcnode phantom) unless the manifest says otherwise",
         },

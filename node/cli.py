@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cascade._version import __version__
 from cascade.errors import CalcnodeError
@@ -302,24 +303,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- detect
-def _detector(args: argparse.Namespace, *, calibrated: bool):
-    """The bundled detector or ``--asn``/``--fpr``; with ``calibrated``, reporting at the
-    operating point of the weights folder (``weights.json`` beside the ASN checkpoint)."""
-    from cascade.detector import Detector, OperatingPoint
+#: Written beside detections.json when an operating point filtered the detections.
+OPERATING_POINT_FILE = "operating_point.json"
+
+
+def _detector(args: argparse.Namespace, *, calibrated: bool) -> Any:
+    """The bundled detector or ``--asn``/``--fpr``.
+
+    With ``calibrated`` it reports at the operating point calibrated on these checkpoints
+    (``weights.json`` beside ``--asn``), else at the FPR's decision alone
+    (:func:`cascade.detector.resolve_operating_point`); without, every candidate.
+    """
+    from cascade.detector import Detector, resolve_operating_point
 
     if args.asn is None:
+        if args.fpr is not None:
+            raise CalcnodeError("--fpr needs --asn (without both: the bundled weights)")
         return Detector.bundled(device=args.device, calibrated=calibrated)
-    op = None
-    if calibrated:
-        # A folder's operating point was calibrated on its own asn.pt × fpr.pt scores.
-        own_fpr = args.asn.parent / "fpr.pt"
-        if args.fpr is not None and args.fpr.resolve() == own_fpr.resolve():
-            op = OperatingPoint.for_weights(args.asn.parent)
-        if op is None:
-            logger.info(
-                "no operating point for these checkpoints (weights.json beside --asn, "
-                "calibrated with the fpr.pt beside it): reporting every candidate"
-            )
+    op = resolve_operating_point(args.asn, args.fpr) if calibrated else None
     return Detector(args.asn, args.fpr, device=args.device, operating_point=op)
 
 
@@ -339,7 +340,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     detector = _detector(args, calibrated=not args.all_candidates)
     op = detector.operating_point
     if op is None:
-        logger.info("reporting every candidate (no operating point)")
+        logger.info("reporting every scored candidate (--all-candidates)")
     else:
         logger.info(
             "operating point: FPR probability ≥ %g, final score ≥ %.4g, at most %s per image",
@@ -362,6 +363,12 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             )
     out = args.out / "detections.json"
     out.write_text(json.dumps({"images": images}, indent=1))
+    # detections.json keeps its documented shape; what filtered it is recorded beside it.
+    op_file = args.out / OPERATING_POINT_FILE
+    if op is None:
+        op_file.unlink(missing_ok=True)
+    else:
+        op_file.write_text(json.dumps(op.to_json(), indent=1))
     print(
         f"wrote {out} ({sum(len(i['detections']) for i in images)} detections, "
         f"{len(images)} images)"
@@ -403,6 +410,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     records = read_manifest(args.manifest)
     if args.detections is not None:
         detections = json.loads(args.detections.read_text())
+        if (args.detections.parent / OPERATING_POINT_FILE).is_file():
+            logger.warning(
+                "%s holds only what an operating point kept (%s beside it): its FROC curve "
+                "stops there; `calcnode detect --all-candidates` writes the whole curve",
+                args.detections,
+                OPERATING_POINT_FILE,
+            )
     else:
         detector = _detector(args, calibrated=False)
         detections = {"images": [detector.detect(r.path).to_json() for r in records]}

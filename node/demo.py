@@ -32,6 +32,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from cascade.errors import CalcnodeError
+
 __all__ = ["run_demo", "write_untrained_model"]
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ def _send_files(files: list[Path], *, port: int, called: str) -> int:
 
 #: Sub-folders of the demo's working folder, all of them its own.
 DEMO_FOLDERS = ("phantoms", "node", "received", "previews", "untrained-model")
+#: File that marks a folder as the demo's own (only such a folder is ever cleared).
+DEMO_MARKER = ".calcnode-demo"
 
 
 def run_demo(
@@ -173,9 +177,14 @@ def run_demo(
     Parameters
     ----------
     out : Path
-        Working folder (created): phantoms, node state, received objects, previews. What
-        an earlier demo left in these sub-folders is removed first: the same phantoms
+        Working folder: new or empty, or one an earlier demo used (marked by
+        ``.calcnode-demo``), whose sub-folders are removed first: the same phantoms
         sent again would be duplicates the node has already reported.
+
+    Raises
+    ------
+    CalcnodeError
+        ``out`` is a non-empty folder that no earlier demo used.
     count : int
         Phantom images to render (grouped into studies of 2–4 views).
     seed : int
@@ -204,15 +213,24 @@ def run_demo(
     from node.worker import detections_from_json, model_files
     from storage.queue import open_database
 
+    out = Path(out)
+    marker = out / DEMO_MARKER
+    entries = {e.name for e in out.iterdir()} if out.is_dir() else set()
+    ours = marker.is_file() or entries <= set(DEMO_FOLDERS)  # (older demos left no marker)
+    if not ours:
+        raise CalcnodeError(
+            f"{out} is not empty and holds no earlier demo run ({DEMO_MARKER}); the demo "
+            "clears its working folder between runs, so give it an empty or new folder"
+        )
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive int, got {count!r}")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     leftovers = [out / name for name in DEMO_FOLDERS if (out / name).exists()]
     for folder in leftovers:
         shutil.rmtree(folder)
     if leftovers:
         print(f"cleared the previous demo run in {out}")
+    marker.write_text("calcnode demo working folder: cleared by the next `calcnode demo`\n")
 
     # 1. the model
     model_path: Path | None = None
@@ -250,7 +268,12 @@ def run_demo(
                 name="demo-pacs", ae_title=receiver.ae_title, host="127.0.0.1", port=receiver.port
             ),
         ),
-        model=ModelSettings(path=model_path, device="cpu"),
+        # An untrained model's FPR is undecided (≈ 0.5): report all its candidates.
+        model=ModelSettings(
+            path=model_path,
+            device="cpu",
+            operating_point="calibrated" if model_path is None else "all",
+        ),
         worker=WorkerSettings(count=1, poll_seconds=0.5, lease_seconds=600.0),
         send=SendSettings(retry_initial_seconds=2.0, retry_max_seconds=10.0),
         scheduler=SchedulerSettings(study_check_seconds=1.0, send_check_seconds=1.0),

@@ -58,7 +58,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from cascade._version import __version__
-from cascade.detector import BUNDLED_WEIGHTS, Detection, ImageDetections, OperatingPoint
+from cascade.detector import (
+    BUNDLED_WEIGHTS,
+    Detection,
+    ImageDetections,
+    OperatingPoint,
+    resolve_operating_point,
+)
 from cascade.errors import ConfigError, InvalidImageError
 from node import sdnotify
 from node.reports.common import Provenance
@@ -230,7 +236,8 @@ def load_detector(settings: Settings, device: str | None = None) -> DetectorLike
     Parameters
     ----------
     settings : Settings
-        ``model.path``, ``model.device``, ``model.torch_threads``.
+        ``model.path``, ``model.device``, ``model.torch_threads``; what it reports:
+        ``model.operating_point`` and ``model.max_findings`` (:func:`operating_point`).
     device : str or None
         Overrides ``model.device`` (``calcnode worker --device cuda:0``).
 
@@ -259,9 +266,21 @@ def load_detector(settings: Settings, device: str | None = None) -> DetectorLike
 def operating_point(settings: Settings, files: ModelFiles) -> OperatingPoint:
     """What the node reports: ``model.operating_point`` and ``model.max_findings``.
 
-    ``calibrated`` takes the operating point stored in the weights folder's
-    ``weights.json`` (beside the ASN checkpoint); a folder without one reports what the
-    FPR keeps (probability ≥ 0.5), with a warning. ``all`` reports every candidate.
+    Parameters
+    ----------
+    settings : Settings
+        ``model.operating_point`` (``calibrated`` or ``all``) and ``model.max_findings``.
+    files : ModelFiles
+        The checkpoints the detector loads.
+
+    Returns
+    -------
+    OperatingPoint
+        ``calibrated``: the point stored in ``weights.json`` beside the ASN checkpoint
+        when it was calibrated on these checkpoints, else the FPR's decision alone
+        (probability ≥ 0.5), with a warning (:func:`cascade.detector.resolve_operating_point`);
+        ``all``: every candidate. ``max_findings`` then caps it (the smaller of the two
+        limits when the stored point has one too).
 
     Raises
     ------
@@ -271,20 +290,20 @@ def operating_point(settings: Settings, files: ModelFiles) -> OperatingPoint:
     if settings.model.operating_point == "all":
         op = OperatingPoint(fpr_threshold=0.0, min_score=0.0)
     else:
-        stored = OperatingPoint.for_weights(files.asn.parent)
-        if stored is None:
-            logger.warning(
-                "model.operating_point = calibrated, but %s has no operating point in "
-                "weights.json (calcnode train calibrate); reporting what the FPR keeps",
-                files.asn.parent,
-            )
-            stored = OperatingPoint()
-        op = stored
+        op = resolve_operating_point(files.asn, files.fpr)
     limit = settings.model.max_findings
     if limit:
         op = dataclasses.replace(
             op, max_detections=min(limit, op.max_detections) if op.max_detections else limit
         )
+    logger.info(
+        "operating point (%s): FPR probability ≥ %g, final score ≥ %.4g, at most %s findings "
+        "per image",
+        settings.model.operating_point,
+        op.fpr_threshold,
+        op.min_score,
+        op.max_detections or "any number of",
+    )
     return op
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,7 @@ def make_settings(
     root: Path,
     *,
     model_path: Path | None = None,
+    operating_point: str = "all",
     destinations: tuple[DestinationSettings, ...] = (),
     port: int = 11112,
     quiet_seconds: float = 0.0,
@@ -99,7 +101,11 @@ def make_settings(
         study=StudySettings(quiet_seconds=quiet_seconds),
         outputs=OutputSettings(kinds=kinds),
         destinations=destinations,
-        model=ModelSettings(path=model_path, device="cpu", torch_threads=1),
+        # "all": the tiny random model's FPR is undecided (≈ 0.5 everywhere); plumbing
+        # tests need its candidates whatever side of the FPR decision they fall.
+        model=ModelSettings(
+            path=model_path, device="cpu", torch_threads=1, operating_point=operating_point
+        ),
         worker=WorkerSettings(
             count=worker_count,
             lease_seconds=lease_seconds,
@@ -379,3 +385,17 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Any]:
     finally:
         for server in servers:
             server.stop()
+
+
+#: Loggers whose levels the node sets when it starts (node.service.configure_logging).
+_NODE_LOGGERS = ("", "node", "storage", "cascade", "pynetdicom", "highdicom", "apscheduler")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels() -> Iterator[None]:
+    """Tests that start the node (the demo, serve) leave logger levels as they found them,
+    so a later test's caplog sees what it expects whatever the order."""
+    levels = {name: logging.getLogger(name).level for name in _NODE_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

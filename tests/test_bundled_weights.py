@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cascade.checkpoint import checkpoint_sha256, describe_checkpoint
-from cascade.detector import BUNDLED_WEIGHTS, Detector
+from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
 from cascade.phantom import generate_dataset
 
 
@@ -32,6 +32,18 @@ def test_bundled_weights_say_they_are_not_for_clinical_use() -> None:
         meta = describe_checkpoint(path)
         assert "not for clinical use" in meta["data"]["intended_use"].lower()
         assert meta["has_optimizer_state"] is False
+
+
+
+def test_bundled_weights_carry_an_operating_point_calibrated_on_themselves() -> None:
+    # A re-export without `calcnode train calibrate` would leave a stale point behind.
+    op = OperatingPoint.for_checkpoints(BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt")
+    assert op is not None
+    assert op.fpr_threshold == 0.5
+    assert op.calibration["target_fp_per_image"] == 1.0
+    assert op.calibration["fp_per_image"] <= 1.0
+    assert 0.0 < op.calibration["recall"] <= 1.0
+    assert Detector.bundled(device="cpu").operating_point == op
 
 
 @pytest.mark.slow

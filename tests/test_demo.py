@@ -8,9 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.demo import run_demo
-
-pytestmark = pytest.mark.slow
+from cascade.errors import CalcnodeError
+from node.demo import DEMO_MARKER, run_demo
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"  # Mammography CAD SR Storage
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the TID 1500 measurement report
@@ -24,6 +23,7 @@ def _received_sop_classes(out: Path) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_demo_can_be_run_twice_in_the_same_folder_and_reports_both_times(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -38,3 +38,22 @@ def test_demo_can_be_run_twice_in_the_same_folder_and_reports_both_times(
     assert "cleared the previous demo run" in out
     assert _received_sop_classes(tmp_path) == first
     assert len(list((tmp_path / "previews").rglob("*.png"))) == 2
+    assert (tmp_path / DEMO_MARKER).is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_leaves_it_untouched(tmp_path: Path) -> None:
+    (tmp_path / "node").mkdir()  # e.g. `calcnode demo --out .` in a source checkout
+    (tmp_path / "node" / "cli.py").write_text("keep me")
+    (tmp_path / "notes.txt").write_text("keep me too")
+    with pytest.raises(CalcnodeError, match="not empty"):
+        run_demo(tmp_path, count=1)
+    assert (tmp_path / "node" / "cli.py").read_text() == "keep me"
+    assert (tmp_path / "notes.txt").read_text() == "keep me too"
+    assert not (tmp_path / DEMO_MARKER).exists()
+
+
+def test_demo_takes_over_a_folder_an_older_demo_left_without_a_marker(tmp_path: Path) -> None:
+    for name in ("node", "received"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ValueError, match="count"):  # stops right after the folder check
+        run_demo(tmp_path, count=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.detector import Detector
+from cascade.detector import Detector, OperatingPoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,11 @@ def test_make_weights_writes_a_weights_folder_the_detector_loads(tmp_path: Path)
     record = json.loads((out / "weights.json").read_text())
     assert "not for clinical use" in record["intended_use"].lower()
     assert record["models"]["fpr"]["model_config"]["input_norm"] == "crop"
+    # the last step calibrates the operating point on the validation phantoms
+    op = OperatingPoint.for_checkpoints(out / "asn.pt", out / "fpr.pt")
+    assert op is not None
+    assert op.calibration["images"] == 2
+    assert op.calibration["manifest"].endswith("val/manifest.jsonl")
     image = sorted((tmp_path / "data" / "val").rglob("*.dcm"))[0]
     result = Detector(out / "asn.pt", out / "fpr.pt", device="cpu").detect(image)
     for det in result.detections:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import make_settings, write_tiny_model
 
+from cascade.checkpoint import checkpoint_sha256
 from cascade.detector import (
     BUNDLED_WEIGHTS,
     Detection,
@@ -42,11 +43,25 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "calcnode.toml"
 
 
-def _weights_json(folder: Path, operating_point: Any = None, **extra: Any) -> Path:
+def _weights_json(
+    folder: Path, operating_point: Any = None, *, stamp: bool = True, **extra: Any
+) -> Path:
     """Write ``folder/weights.json`` like ``export_weights`` does, optionally with an
-    ``operating_point`` entry (any JSON value, to test bad ones)."""
+    ``operating_point`` entry (any JSON value, to test bad ones). With ``stamp``, a
+    point (a dict) is marked as calibrated on the folder's own asn.pt / fpr.pt, as
+    ``calcnode train calibrate`` marks it."""
     folder.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"intended_use": "tests", "models": {}, **extra}
+    if isinstance(operating_point, dict) and stamp and (folder / "asn.pt").is_file():
+        fpr = folder / "fpr.pt"
+        operating_point = {
+            **operating_point,
+            "calibration": {
+                **operating_point.get("calibration", {}),
+                "asn_sha256": checkpoint_sha256(folder / "asn.pt"),
+                "fpr_sha256": checkpoint_sha256(fpr) if fpr.is_file() else "",
+            },
+        }
     if operating_point is not None:
         record["operating_point"] = operating_point
     path = folder / "weights.json"
@@ -82,9 +97,6 @@ def test_operating_point_is_keyword_only_and_frozen() -> None:
         ({"min_score": math.inf}, "min_score"),
         ({"min_score": -0.5}, "min_score"),
         ({"max_detections": -1}, "max_detections"),
-        ({"max_detections": 2.5}, "max_detections"),
-        ({"max_detections": True}, "max_detections"),
-        ({"max_detections": "3"}, "max_detections"),
     ],
 )
 def test_operating_point_rejects_bad_values_naming_the_field(
@@ -107,6 +119,22 @@ def test_operating_point_rejects_thresholds_that_are_not_numbers(
     kwargs: dict[str, object], name: str
 ) -> None:
     with pytest.raises(TypeError, match=rf"OperatingPoint\.{name} must be a number"):
+        OperatingPoint(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_detections": 2.5}, "max_detections must be an integer"),
+        ({"max_detections": True}, "max_detections must be an integer"),
+        ({"max_detections": "3"}, "max_detections must be an integer"),
+        ({"calibration": [1, 2]}, "calibration must be a mapping"),
+    ],
+)
+def test_operating_point_rejects_a_count_or_calibration_of_the_wrong_type(
+    kwargs: dict[str, object], name: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"OperatingPoint\.{name}"):
         OperatingPoint(**kwargs)  # type: ignore[arg-type]
 
 
@@ -260,11 +288,11 @@ def test_bundled_detector_reports_at_the_stored_operating_point(bundled_copy: Pa
     assert Detector.bundled(device="cpu", operating_point=explicit).operating_point == explicit
 
 
-def test_bundled_detector_without_a_stored_operating_point_reports_everything(
+def test_bundled_detector_without_a_stored_operating_point_reports_what_the_fpr_keeps(
     bundled_copy: Path,
 ) -> None:
     _weights_json(bundled_copy)
-    assert Detector.bundled(device="cpu").operating_point is None
+    assert Detector.bundled(device="cpu").operating_point == OperatingPoint()
 
 
 def test_bundled_detector_with_a_bad_stored_operating_point_raises(bundled_copy: Path) -> None:
@@ -714,6 +742,7 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 def _settings(root: Path, model_dir: Path, **model: Any) -> Settings:
+    model = {"operating_point": "calibrated", **model}
     s = make_settings(root / "node", model_path=model_dir / "asn.pt")
     return replace(s, model=replace(s.model, **model))
 
@@ -736,8 +765,22 @@ def test_calibrated_setting_takes_the_operating_point_of_weights_json(
     with caplog.at_level(logging.WARNING, logger="node.worker"):
         op = operating_point(settings, model_files(settings))
     assert op == stored
-    assert op.calibration == {"recall": 0.5}
+    assert op.calibration["recall"] == 0.5
     assert not caplog.records
+
+
+def test_calibrated_setting_ignores_a_point_calibrated_on_other_checkpoints(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = {"asn_sha256": "0" * 64, "fpr_sha256": "1" * 64}
+    stored = OperatingPoint(fpr_threshold=0.7, min_score=1.25, calibration=other)
+    _weights_json(model_dir, stored.to_json(), stamp=False)
+    settings = _settings(tmp_path, model_dir)
+    with caplog.at_level(logging.WARNING):
+        op = operating_point(settings, model_files(settings))
+    assert op == OperatingPoint()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("calibrated on other checkpoints" in m for m in messages)
 
 
 @pytest.mark.parametrize("with_weights_json", [False, True])
@@ -753,7 +796,7 @@ def test_calibrated_setting_without_a_stored_operating_point_warns_and_uses_the_
     assert (op.fpr_threshold, op.min_score, op.max_detections) == (0.5, 0.0, 0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "no operating point" in warnings[0].getMessage()
+    assert "no calibrated operating point" in warnings[0].getMessage()
     assert str(model_dir) in warnings[0].getMessage()
 
 
@@ -1025,3 +1068,19 @@ def test_detect_command_reports_at_the_operating_point_unless_all_candidates(
         if op.keeps(score=d["score"], fpr_score=d["fpr_score"])
     ]
     assert at_op[0]["sop_instance_uid"] == everything[0]["sop_instance_uid"] == rec.sop_instance_uid
+
+
+def test_calibration_counts_only_the_top_max_detections_of_each_image() -> None:
+    # Three false positives outscore the one µC; the detector reports at most two per
+    # image, so the µC is never reported and only two false positives are.
+    fps = [
+        Detection(x=400.0, y=400.0 + 20 * i, score=s, asn_score=s, fpr_score=1.0, radius_px=2.0)
+        for i, s in enumerate((0.9, 0.8, 0.7))
+    ]
+    tp = Detection(x=100.0, y=100.0, score=0.6, asn_score=0.6, fpr_score=1.0, radius_px=2.0)
+    results = [(_img("1.2.3.20", [*fps, tp]), np.array([[100.0, 100.0]]))]
+    op = calibrate_operating_point(results, target_fp_per_image=3.0, max_detections=2)
+    assert op.max_detections == 2
+    assert op.calibration["fp_per_image"] == 2.0
+    assert op.calibration["recall"] == 0.0
+    assert op.min_score == 0.8
