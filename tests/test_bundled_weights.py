@@ -34,7 +34,6 @@ def test_bundled_weights_say_they_are_not_for_clinical_use() -> None:
         assert meta["has_optimizer_state"] is False
 
 
-
 def test_bundled_weights_carry_an_operating_point_calibrated_on_themselves() -> None:
     # A re-export without `calcnode train calibrate` would leave a stale point behind.
     op = OperatingPoint.for_checkpoints(BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt")
