@@ -14,7 +14,8 @@
 #
 # Variables: OUT (required), TRAIN_S (default 230), VAL (val | test: the validation
 # manifest of both trainings; the first 6 images of seed 2000 hold no µC, so use
-# test), FPR_ARGS (e.g. "--optimizer adam"), SKIP_ACC=1 (skip step 2),
+# test), VAL_COUNT (validation images of seed 2000, default 6; 16 = make weights' set),
+# FPR_ARGS (e.g. "--optimizer adam"), SKIP_ACC=1 (skip step 2),
 # PRESET (paper; tiny for a CPU dry run with DEV=cpu), PARTS and PER (training images
 # = PARTS × PER), PY (python3).
 # Without pydicom and the pylibjpeg plugins on the machine, carry their wheels in .whl/.
@@ -37,7 +38,7 @@ mkdir -p "$OUT"
   > "$OUT/machine.txt" 2>&1
 D=/tmp/gpu-presets-data; R=/tmp/gpu-presets-runs; rm -rf $D $R
 el phantoms
-timeout 120 $PY bench/gpu_phantoms.py $D $PARTS $PER 2>&1 | grep -v " INFO " | tee "$OUT/gen.log"
+timeout 120 $PY bench/gpu_phantoms.py $D $PARTS $PER ${VAL_COUNT:-6} 2>&1 | grep -v " INFO " | tee "$OUT/gen.log"
 if [ -z "${SKIP_ACC:-}" ]; then
   el "detection timing"
   timeout 150 $PY bench/accuracy.py --device $DEV --manifest $D/test/manifest.jsonl \
