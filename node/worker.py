@@ -91,6 +91,7 @@ __all__ = [
     "queue_policy",
     "run_worker",
     "series_uid_for",
+    "with_operating_point",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,24 @@ def device_uid_for(model_sha256: str) -> str:
 def series_uid_for(study_instance_uid: str, kind: str) -> str:
     """The Series Instance UID of one output kind in one study (stable across versions)."""
     return derived_uid("calcnode-series", study_instance_uid, kind)
+
+
+def with_operating_point(
+    model_version: str, model_sha256: str, op: OperatingPoint | None
+) -> tuple[str, str]:
+    """The model's identity including what it reports.
+
+    The same checkpoints at another operating point send other findings, so the
+    operating point (thresholds and cap, not its descriptive ``calibration``) becomes
+    part of the model version (``"<version> op <8 hex>"``) and of the sha256 the Device
+    UID derives from. Without an operating point both are returned unchanged.
+    """
+    if op is None:
+        return model_version, model_sha256
+    point = {k: v for k, v in op.to_json().items() if k != "calibration"}
+    tag = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()
+    combined = hashlib.sha256(f"{model_sha256}:{tag}".encode()).hexdigest()
+    return f"{model_version} op {tag[:8]}", combined
 
 
 def make_provenance(*, model_version: str, model_sha256: str) -> Provenance:
@@ -745,6 +764,9 @@ def run_worker(
         model_sha256 = hashlib.sha256(f"model:{model_version}".encode()).hexdigest()
     if not model_version or model_version == "unknown":
         model_version = model_sha256[:12]
+    model_version, model_sha256 = with_operating_point(
+        model_version, model_sha256, getattr(detector, "operating_point", None)
+    )
     provenance = make_provenance(model_version=model_version, model_sha256=model_sha256)
     logger.info(
         "worker %s: model %s loaded in %.1f s (device UID %s)",

@@ -1084,3 +1084,22 @@ def test_calibration_counts_only_the_top_max_detections_of_each_image() -> None:
     assert op.calibration["fp_per_image"] == 2.0
     assert op.calibration["recall"] == 0.0
     assert op.min_score == 0.8
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_model_identity_changes_with_the_operating_point_not_its_description() -> None:
+    from node.worker import device_uid_for, with_operating_point
+
+    sha = "ab" * 32
+    assert with_operating_point("m1", sha, None) == ("m1", sha)
+    strict = OperatingPoint(fpr_threshold=0.5, min_score=4.0)
+    loose = OperatingPoint(fpr_threshold=0.5, min_score=1.0)
+    described = OperatingPoint(fpr_threshold=0.5, min_score=4.0, calibration={"recall": 0.7})
+    v_strict, s_strict = with_operating_point("m1", sha, strict)
+    v_loose, s_loose = with_operating_point("m1", sha, loose)
+    assert v_strict.startswith("m1 op ") and len(v_strict) == len("m1 op ") + 8
+    assert v_strict != v_loose
+    assert device_uid_for(s_strict) != device_uid_for(s_loose) != device_uid_for(sha)
+    assert with_operating_point("m1", sha, described) == (v_strict, s_strict)
