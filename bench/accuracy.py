@@ -309,12 +309,7 @@ def run(
                     )
                 op = c.operating_point
                 if op is not None:
-                    keep = np.flatnonzero(
-                        (fpr_scores >= op.fpr_threshold) & (final >= op.min_score)
-                    )
-                    keep = keep[np.argsort(-final[keep], kind="stable")]
-                    if op.max_detections:
-                        keep = keep[: op.max_detections]
+                    keep = op.select(final, fpr_scores)
                     point_evals[c.name].append(
                         image_eval(rec, xy[keep], final[keep], area_cm2=area)
                     )

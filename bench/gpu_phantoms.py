@@ -9,12 +9,12 @@ each with a ``manifest.jsonl`` whose paths are relative to it.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from cascade.manifest import read_manifest, write_manifest
 from cascade.phantom import generate_dataset
 
 Job = tuple[Path, int, int, str]
@@ -24,20 +24,16 @@ def render(job: Job) -> tuple[Path, float]:
     """Render one part; return its folder and seconds."""
     out, count, seed, size = job
     t0 = time.perf_counter()
-    generate_dataset(out, count=count, seed=seed, size=size, progress=False)  # type: ignore[arg-type]
+    generate_dataset(out, count=count, seed=seed, size=size, progress=False)
     return out, time.perf_counter() - t0
 
 
 def merge(folder: Path) -> int:
     """Write ``folder/manifest.jsonl`` from its parts' manifests; return the image count."""
-    lines = []
-    for part in sorted(folder.glob("p*")):
-        for line in (part / "manifest.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            record["path"] = f"{part.name}/{record['path']}"
-            lines.append(json.dumps(record))
-    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return len(lines)
+    parts = sorted(folder.glob("p*"))
+    records = [r for part in parts for r in read_manifest(part / "manifest.jsonl")]
+    write_manifest(folder / "manifest.jsonl", records)
+    return len(records)
 
 
 def main(argv: list[str]) -> None:

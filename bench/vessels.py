@@ -41,11 +41,13 @@ from _common import (
     now_iso,
     run_line,
     setup_logging,
+    truth_xy,
     update_readme_section,
     write_json,
 )
 
 from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint, resolve_operating_point
+from cascade.evaluate import DET_NEAR_TRUTH, ImageEval, match_image
 from cascade.manifest import ImageRecord, read_manifest
 
 logger = logging.getLogger("bench.vessels")
@@ -77,37 +79,24 @@ def distance_to_polyline_mm(
     return np.min(np.hypot(*(p[:, None, :] - closest).transpose(2, 0, 1)), axis=1)
 
 
-def pairwise_mm(a: np.ndarray, b: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-    """``(N, M)`` distances in mm between points ``a`` ``(N, 2)`` and ``b`` ``(M, 2)``."""
-    scale = np.array([spacing_mm[1], spacing_mm[0]])
-    pa = np.asarray(a, dtype=np.float64).reshape(-1, 2) * scale
-    pb = np.asarray(b, dtype=np.float64).reshape(-1, 2) * scale
-    return np.hypot(*(pa[:, None, :] - pb[None, :, :]).transpose(2, 0, 1))
-
-
-def classify(record: ImageRecord, xy: np.ndarray) -> list[str]:
-    """One of :data:`CLASSES` per detection centre ``(N, 2)``, in that order of precedence."""
+def classify(record: ImageRecord, xy: np.ndarray) -> tuple[list[str], int]:
+    """One of :data:`CLASSES` per detection centre ``(N, 2)`` (in that order of precedence)
+    and the number of µCs with a detection within 1 mm (:func:`cascade.evaluate.match_image`)."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    match = match_image(
+        ImageEval(truth_xy(record), xy, np.ones(len(xy)), spacing_mm=record.pixel_spacing_mm),
+        radius_mm=RADIUS_MM,
+    )
     near = {k: np.zeros(len(xy), bool) for k in CLASSES[:3]}
-    if record.calcifications and len(xy):
-        truth = np.array([[c.x, c.y] for c in record.calcifications])
-        near["µC"] = pairwise_mm(xy, truth, record.pixel_spacing_mm).min(axis=1) <= RADIUS_MM
+    near["µC"] = match.det_status == DET_NEAR_TRUTH
     for other in record.others if len(xy) else ():
         key = "vessel" if other.kind == "vascular" else "macro"
         points = np.asarray(other.points, dtype=np.float64).reshape(-1, 2)
         if other.closed and len(points) > 1:
             points = np.vstack([points, points[:1]])
         near[key] |= distance_to_polyline_mm(xy, points, record.pixel_spacing_mm) <= RADIUS_MM
-    return [next((k for k in CLASSES[:3] if near[k][i]), "other") for i in range(len(xy))]
-
-
-def found(record: ImageRecord, xy: np.ndarray) -> int:
-    """µCs of ``record`` with a detection within 1 mm."""
-    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    if not record.calcifications or not len(xy):
-        return 0
-    truth = np.array([[c.x, c.y] for c in record.calcifications])
-    return int((pairwise_mm(truth, xy, record.pixel_spacing_mm).min(axis=1) <= RADIUS_MM).sum())
+    classes = [next((k for k in CLASSES[:3] if near[k][i]), "other") for i in range(len(xy))]
+    return classes, int(np.isfinite(match.truth_hit_score).sum())
 
 
 def run(detector: Detector, op: OperatingPoint, records: Sequence[ImageRecord]) -> dict[str, Any]:
@@ -129,9 +118,9 @@ def run(detector: Detector, op: OperatingPoint, records: Sequence[ImageRecord]) 
             "vascular_findings": sum(o.kind == "vascular" for o in rec.others),
         }
         for name, sel in (("operating_point", kept), ("all_candidates", np.arange(len(dets)))):
-            counts = Counter(classify(rec, xy[sel]))
+            classes, n_found = classify(rec, xy[sel])
+            counts = Counter(classes)
             totals[name].update(counts)
-            n_found = found(rec, xy[sel])
             found_n[name] += n_found
             row[name] = {**{k: counts.get(k, 0) for k in CLASSES}, "found": n_found}
         images.append(row)

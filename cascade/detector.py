@@ -463,13 +463,11 @@ class Detector:
             )
         else:
             probs = np.ones(len(cands))
-        scores = np.array([c.asn_score for c in cands], dtype=np.float64) * np.asarray(
-            probs, dtype=np.float64
-        ).reshape(-1)
-        fpr_scores = np.clip(np.asarray(probs, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        scores = np.array([c.asn_score for c in cands], dtype=np.float64) * probs
+        fpr_scores = np.clip(probs, 0.0, 1.0)
         op = self.operating_point
-        everything = OperatingPoint(fpr_threshold=0.0)
-        order = (op or everything).select(scores, fpr_scores)
+        order = np.argsort(-scores, kind="stable") if op is None else op.select(scores, fpr_scores)
         scored = [(float(scores[i]), float(fpr_scores[i]), cands[i]) for i in order]
         dets = []
         for score, p, cand in scored:

@@ -399,3 +399,68 @@ def _restore_logger_levels() -> Iterator[None]:
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+# ----------------------------------------------------------------------------- tiny trained cascade
+# Trained once per session: tests/test_train.py and tests/test_operating_point.py share them.
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small phantoms (seed 0) and their manifest."""
+    from cascade.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantoms that have µCs (fewer images: faster loading)."""
+    from cascade.manifest import read_manifest, write_manifest
+
+    recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
+    assert recs, "the phantom set has no µC"
+    return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", recs)
+
+
+@pytest.fixture(scope="session")
+def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of the "tiny" ASN preset trained on ``small_manifest`` (slow tests)."""
+    from cascade.train import ASN_PRESETS, train_asn
+
+    out = tmp_path_factory.mktemp("asn")
+    import torch
+
+    torch.set_num_threads(2)
+    best = train_asn(
+        manifest=small_manifest,
+        out=out,
+        config=ASN_PRESETS["tiny"],
+        val_manifest=small_manifest,
+        device="cpu",
+        progress=False,
+    )
+    assert best == out / "best.pt"
+    return out
+
+
+@pytest.fixture(scope="session")
+def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of the "tiny" FPR preset trained on ``asn_run``'s candidates."""
+    from dataclasses import replace
+
+    from cascade.train import FPR_PRESETS, train_fpr
+
+    out = tmp_path_factory.mktemp("fpr")
+    best = train_fpr(
+        manifest=small_manifest,
+        asn_checkpoint=asn_run / "best.pt",
+        out=out,
+        config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
+        val_manifest=small_manifest,
+        device="cpu",
+        progress=False,
+    )
+    assert best == out / "best.pt"
+    return out

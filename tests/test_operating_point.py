@@ -267,14 +267,13 @@ def test_for_weights_with_an_unreadable_weights_json_raises_checkpoint_error(
 @pytest.fixture
 def bundled_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A stand-in for ``cascade/weights`` (links to the bundled checkpoints) that the
-    test may give a ``weights.json`` of its own."""
-    if not (BUNDLED_WEIGHTS / "asn.pt").is_file():
-        pytest.skip("this installation has no bundled weights")
+    test may give a ``weights.json`` of its own. The bundled weights are committed
+    (tests/test_bundled_weights.py requires them), so their absence is a failure."""
     folder = tmp_path / "weights"
     folder.mkdir()
     for name in ("asn.pt", "fpr.pt"):
-        if (BUNDLED_WEIGHTS / name).is_file():
-            (folder / name).symlink_to(BUNDLED_WEIGHTS / name)
+        assert (BUNDLED_WEIGHTS / name).is_file(), f"no bundled {name}"
+        (folder / name).symlink_to(BUNDLED_WEIGHTS / name)
     monkeypatch.setattr("cascade.detector.BUNDLED_WEIGHTS", folder)
     return folder
 
@@ -852,55 +851,29 @@ def test_load_detector_reports_at_the_operating_point_of_the_settings(
 
 # ----------------------------------------------------------------------------- end to end
 #
-# A tiny ASN + FPR trained on 2 phantoms (as in test_train.py, ≈ 2 min on 2 CPU cores),
-# with at most 20 proposals per image stored in the ASN checkpoint (the FPR then scores
-# 20 crops per image, not 300). The FPR of so short a training is undecided (probabilities
-# near 0.49 everywhere), so the FPR threshold is the median of its probabilities: the
-# FPR decision then removes about half of the candidates, whatever the exact training.
+# The tiny ASN + FPR of tests/conftest.py (trained once per session on 2 phantoms, shared
+# with test_train.py). The FPR of so short a training is undecided (probabilities near
+# 0.49 everywhere), so the FPR threshold is the median of its probabilities: the FPR
+# decision then removes about half of the candidates, whatever the exact training.
 
 TARGET_FP = 1.0
 
 
 @pytest.fixture(scope="module")
-def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cascade.phantom import generate_dataset
-
-    out = tmp_path_factory.mktemp("op-phantoms")
-    return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
+def phantom_manifest(phantoms: Path) -> Path:
+    """The 4 phantoms the tiny cascade (tests/conftest.py) was trained on 2 of."""
+    return phantoms
 
 
 @pytest.fixture(scope="module")
-def exported_weights(phantom_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``calcnode train export`` output of a tiny trained cascade (no operating point)."""
-    import torch
+def exported_weights(
+    asn_run: Path, fpr_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``calcnode train export`` output of the tiny trained cascade (no operating point)."""
+    from cascade.train import export_weights
 
-    from cascade.manifest import read_manifest, write_manifest
-    from cascade.train import ASN_PRESETS, FPR_PRESETS, export_weights, train_asn, train_fpr
-
-    recs = [r for r in read_manifest(phantom_manifest) if r.calcifications][:2]
-    assert recs, "the phantom set has no µC"
-    train = write_manifest(tmp_path_factory.mktemp("op-train") / "manifest.jsonl", recs)
-    torch.set_num_threads(2)
-    asn_out, fpr_out = tmp_path_factory.mktemp("op-asn"), tmp_path_factory.mktemp("op-fpr")
-    train_asn(
-        manifest=train,
-        out=asn_out,
-        config=replace(ASN_PRESETS["tiny"], proposal={"max_candidates": 20}),
-        val_manifest=train,
-        device="cpu",
-        progress=False,
-    )
-    train_fpr(
-        manifest=train,
-        asn_checkpoint=asn_out / "best.pt",
-        out=fpr_out,
-        config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
-        val_manifest=train,
-        device="cpu",
-        progress=False,
-    )
     folder = export_weights(
-        asn=asn_out / "best.pt", fpr=fpr_out / "best.pt", out=tmp_path_factory.mktemp("op-w")
+        asn=asn_run / "best.pt", fpr=fpr_run / "best.pt", out=tmp_path_factory.mktemp("op-w")
     )
     assert OperatingPoint.for_weights(folder) is None
     return folder

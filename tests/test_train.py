@@ -1,8 +1,8 @@
 """Behaviour of cascade.train end to end on a few small phantoms, and of the trained Detector.
 
-A module-scoped fixture renders 4 small phantoms and trains the "tiny" ASN preset once on
-the 2 that have µCs (≈ 30 s on 2 CPU cores); the tiny FPR (at most 20 candidates per
-image, else it takes minutes) and detection run on top of it. Detections are
+Session fixtures (tests/conftest.py) render 4 small phantoms and train the "tiny" ASN
+preset once on the 2 that have µCs (≈ 30 s on 2 CPU cores); the tiny FPR (at most 20
+candidates per image, else it takes minutes) and detection run on top of it. Detections are
 in the received grid: x = column, y = row, 0-based, first pixel's centre at (0, 0).
 """
 
@@ -22,9 +22,8 @@ from cascade.checkpoint import checkpoint_sha256, load_checkpoint
 from cascade.datasets import TrainingImage
 from cascade.detector import Detector, OperatingPoint
 from cascade.errors import CheckpointError, TrainingError
-from cascade.manifest import ImageRecord, OtherFinding, read_manifest, write_manifest
+from cascade.manifest import ImageRecord, OtherFinding, read_manifest
 from cascade.models import get_model
-from cascade.phantom import generate_dataset
 from cascade.preprocess import GridTransform
 from cascade.train import (
     ASN_PRESETS,
@@ -38,53 +37,6 @@ from cascade.train import (
     train_asn,
     train_fpr,
 )
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
-
-
-@pytest.fixture(scope="module")
-def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The phantoms that have µCs (fewer images: faster loading)."""
-    recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
-    assert recs, "the phantom set has no µC"
-    return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", recs)
-
-
-@pytest.fixture(scope="module")
-def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("asn")
-    torch.set_num_threads(2)
-    best = train_asn(
-        manifest=small_manifest,
-        out=out,
-        config=ASN_PRESETS["tiny"],
-        val_manifest=small_manifest,
-        device="cpu",
-        progress=False,
-    )
-    assert best == out / "best.pt"
-    return out
-
-
-@pytest.fixture(scope="module")
-def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fpr")
-    best = train_fpr(
-        manifest=small_manifest,
-        asn_checkpoint=asn_run / "best.pt",
-        out=out,
-        config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
-        val_manifest=small_manifest,
-        device="cpu",
-        progress=False,
-    )
-    assert best == out / "best.pt"
-    return out
-
 
 # ----------------------------------------------------------------------------- ASN
 
