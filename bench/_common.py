@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cascade.checkpoint import describe_checkpoint
-from cascade.evaluate import FrocResult, ImageEval, dog_detect
-from cascade.io import read_mammogram
-from cascade.manifest import ImageRecord, read_manifest
-from cascade.preprocess import PreprocessedImage, preprocess_mammogram
+from cascade.data.io import read_mammogram
+from cascade.data.manifest import ImageRecord, read_manifest
+from cascade.data.preprocess import PreprocessedImage, preprocess_mammogram
+from cascade.evaluation.froc import FrocResult, ImageEval, dog_detect
+from cascade.models.checkpoint import describe_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def write_froc_plots(
     max_fp: float,
 ) -> list[str]:
     """One FROC plot per image set next to ``out`` (``<stem>_froc[_full].png``)."""
-    from cascade.evaluate import plot_froc
+    from cascade.evaluation.froc import plot_froc
 
     plots = []
     for set_name, set_curves in curves.items():

@@ -4,7 +4,7 @@ Methods, all on the same images and scored with the paper's 1-mm rule (a µC is
 recalled when a detection lies within 1 mm of it, in the received image's grid:
 x = column, y = row, 0-based, first pixel's centre at (0, 0)):
 
-1. **ASN + FPR** — the cascade as :class:`cascade.detector.Detector` runs it
+1. **ASN + FPR** — the cascade as :class:`cascade.inference.detector.Detector` runs it
    (bundled weights by default), final score = ASN score × FPR probability;
 2. **U-Net (CE) + FPR** — the paper's baseline, when ``--ce`` and ``--ce-fpr`` are given;
    Each cascade also as the node reports it: candidates the FPR calls false positives
@@ -76,13 +76,13 @@ from _common import (
     write_json,
 )
 
-from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
+from cascade.data.manifest import ImageRecord
+from cascade.data.preprocess import PreprocessedImage
 from cascade.errors import CheckpointError
-from cascade.evaluate import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
-from cascade.fpr import extract_crops, score_crops
-from cascade.manifest import ImageRecord
-from cascade.preprocess import PreprocessedImage
-from cascade.proposals import candidates_xy, propose, residual_map
+from cascade.evaluation.froc import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
+from cascade.inference.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
+from cascade.inference.fpr import extract_crops, score_crops
+from cascade.inference.proposals import candidates_xy, propose, residual_map
 
 logger = logging.getLogger("bench.accuracy")
 

@@ -52,9 +52,9 @@ from _common import (
 from scipy import ndimage
 from skimage.draw import disk
 
-from cascade.checkpoint import load_checkpoint
-from cascade.datasets import load_training_image
-from cascade.manifest import read_manifest
+from cascade.data.datasets import load_training_image
+from cascade.data.manifest import read_manifest
+from cascade.models.checkpoint import load_checkpoint
 
 logger = logging.getLogger("bench.asn_ablation")
 

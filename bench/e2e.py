@@ -152,8 +152,8 @@ class OrthancPacs:
 
 def four_view_study(folder: Path, *, seed: int, size: str) -> list[Path]:
     """Render phantoms until a study with four views exists; return its files."""
-    from cascade.manifest import read_manifest
-    from cascade.phantom import generate_dataset
+    from cascade.data.manifest import read_manifest
+    from cascade.synthesis import generate_dataset
 
     manifest = generate_dataset(folder, count=8, seed=seed, size=size, progress=False)  # type: ignore[arg-type]
     by_study: dict[str, list[Path]] = {}

@@ -14,8 +14,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from cascade.manifest import read_manifest, write_manifest
-from cascade.phantom import generate_dataset
+from cascade.data.manifest import read_manifest, write_manifest
+from cascade.synthesis import generate_dataset
 
 Job = tuple[Path, int, int, str]
 

@@ -1,7 +1,7 @@
 """Is the phantom realistic enough? Texture, µC statistics, and a classical baseline.
 
 Renders a fresh set of small phantoms (a seed different from any training set) with
-:func:`cascade.phantom.render_image` and measures
+:func:`cascade.synthesis.render_image` and measures
 
 1. the radial power-spectrum exponent β of breast tissue: log-domain patches
    (``P = −ln(S/S0)``) inside the breast, ≥ 15 mm from the skin, outside the pectoral
@@ -11,7 +11,7 @@ Renders a fresh set of small phantoms (a seed different from any training set) w
 2. the distributions of µC diameter, post-blur peak contrast and contrast-to-noise
    ratio (percentiles);
 3. the FROC recall of a plain difference-of-Gaussians detector
-   (:func:`cascade.evaluate.dog_detect`) at 1 and 10 FP/image with the 1-mm hit rule
+   (:func:`cascade.evaluation.froc.dog_detect`) at 1 and 10 FP/image with the 1-mm hit rule
    (classical methods on real data: ≈ 40 % at 1, ≈ 80 % at 10 — Lu et al. 2016).
 
 Writes ``bench/results/phantom.json`` and the "Phantom realism" table of
@@ -34,8 +34,8 @@ import numpy as np
 from _common import machine_info
 from scipy import ndimage
 
-from cascade.evaluate import ImageEval, dog_detect, froc
-from cascade.phantom import VENDORS, PhantomImage, render_image
+from cascade.evaluation.froc import ImageEval, dog_detect, froc
+from cascade.synthesis import VENDORS, PhantomImage, render_image
 
 logger = logging.getLogger(__name__)
 

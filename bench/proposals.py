@@ -10,7 +10,7 @@ both candidate rules then run on it:
 
 Candidates are scored by their ASN score (summed residual); everything else comes
 from the checkpoint's stored proposal settings (``training.proposal``) and the
-defaults of :class:`cascade.proposals.ProposalConfig`. Recall follows the paper's
+defaults of :class:`cascade.inference.proposals.ProposalConfig`. Recall follows the paper's
 rule — a µC is recalled when a candidate lies within 1 mm of it, measured in the
 received image's grid (x = column, y = row, 0-based, first pixel's centre at
 (0, 0)) — at 5, 10, 15, 20 and 30 FP/image (the paper's proposals table) and at
@@ -76,10 +76,10 @@ from _common import (
     write_json,
 )
 
-from cascade.checkpoint import load_checkpoint
-from cascade.evaluate import ImageEval, froc
-from cascade.preprocess import PreprocessedImage
-from cascade.proposals import ProposalConfig, candidates_xy, propose, residual_map
+from cascade.data.preprocess import PreprocessedImage
+from cascade.evaluation.froc import ImageEval, froc
+from cascade.inference.proposals import ProposalConfig, candidates_xy, propose, residual_map
+from cascade.models.checkpoint import load_checkpoint
 
 logger = logging.getLogger("bench.proposals")
 

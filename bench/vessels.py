@@ -46,9 +46,14 @@ from _common import (
     write_json,
 )
 
-from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint, resolve_operating_point
-from cascade.evaluate import DET_NEAR_TRUTH, ImageEval, match_image
-from cascade.manifest import ImageRecord, read_manifest
+from cascade.data.manifest import ImageRecord, read_manifest
+from cascade.evaluation.froc import DET_NEAR_TRUTH, ImageEval, match_image
+from cascade.inference.detector import (
+    BUNDLED_WEIGHTS,
+    Detector,
+    OperatingPoint,
+    resolve_operating_point,
+)
 
 logger = logging.getLogger("bench.vessels")
 
@@ -81,7 +86,8 @@ def distance_to_polyline_mm(
 
 def classify(record: ImageRecord, xy: np.ndarray) -> tuple[list[str], int]:
     """One of :data:`CLASSES` per detection centre ``(N, 2)`` (in that order of precedence)
-    and the number of µCs with a detection within 1 mm (:func:`cascade.evaluate.match_image`)."""
+    and the number of µCs with a detection within 1 mm
+    (:func:`cascade.evaluation.froc.match_image`)."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     match = match_image(
         ImageEval(truth_xy(record), xy, np.ones(len(xy)), spacing_mm=record.pixel_spacing_mm),

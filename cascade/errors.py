@@ -1,43 +1,43 @@
-"""The error hierarchy of calcnode.
+"""The errors the cascade raises on purpose.
 
-Every error that calcnode raises on purpose derives from :class:`CalcnodeError`, so
-a caller (the CLI, a worker, the C-STORE handler) can tell an expected failure with
-a clear message from a bug. ``storage`` keeps its own root
-(:class:`storage.errors.StorageError`) because it may not import ``cascade``; the
-node maps both.
+Every one derives from :class:`CascadeError`, so a caller (the CLI, a worker) can tell
+an expected failure with a clear message from a bug. ``cascade`` is pure ML and knows
+nothing of the node: ``storage`` keeps its own root
+(:class:`storage.errors.StorageError`), the node its own
+(:class:`node.errors.CalcnodeError`), and the node maps all three.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "CalcnodeError",
+    "CascadeError",
     "CheckpointError",
-    "ConfigError",
     "DatasetError",
+    "DeviceError",
     "InvalidImageError",
     "TrainingError",
 ]
 
 
-class CalcnodeError(Exception):
-    """Base class of all errors calcnode raises deliberately."""
+class CascadeError(Exception):
+    """Base class of all errors the cascade raises deliberately."""
 
 
-class InvalidImageError(CalcnodeError):
+class InvalidImageError(CascadeError):
     """A dataset or file is not a readable mammogram; the message says what is wrong."""
 
 
-class ConfigError(CalcnodeError):
-    """The configuration is invalid; the message names the key and where it came from."""
-
-
-class DatasetError(CalcnodeError):
+class DatasetError(CascadeError):
     """A manifest or annotation file is malformed or inconsistent."""
 
 
-class CheckpointError(CalcnodeError):
+class CheckpointError(CascadeError):
     """A checkpoint cannot be loaded or does not describe a model we can rebuild."""
 
 
-class TrainingError(CalcnodeError):
+class DeviceError(CascadeError):
+    """The requested compute device does not exist on this machine."""
+
+
+class TrainingError(CascadeError):
     """Training cannot go on (non-finite loss, empty data set, bad configuration)."""

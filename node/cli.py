@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cascade._version import __version__
-from cascade.errors import CalcnodeError
+from node import __version__
+from node.errors import CalcnodeError
 
 logger = logging.getLogger("calcnode")
 
@@ -36,12 +36,12 @@ def _configure_logging(verbosity: int) -> None:
 
 
 # --------------------------------------------------------------------------- phantom
-#: Vendor profiles of ``cascade.phantom.VENDORS`` (spelled out: the CLI imports lazily).
+#: Vendor profiles of ``cascade.synthesis.VENDORS`` (spelled out: the CLI imports lazily).
 PHANTOM_VENDORS = ("fuji", "ge", "hologic", "siemens")
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from cascade.phantom import generate_dataset
+    from cascade.synthesis import generate_dataset
 
     manifest = generate_dataset(
         args.out,
@@ -85,7 +85,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- dataset
 def _cmd_dataset_inbreast(args: argparse.Namespace) -> int:
-    from cascade.inbreast import convert_inbreast
+    from cascade.data.inbreast import convert_inbreast
 
     out = convert_inbreast(xml_dir=args.xml, dicom_dir=args.dicom, out=args.out)
     print(f"wrote {out}")
@@ -104,7 +104,7 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- train
 def _cmd_train_asn(args: argparse.Namespace) -> int:
-    from cascade.train import preset, train_asn
+    from cascade.training import preset, train_asn
 
     overrides: dict[str, object] = {"seed": args.seed}
     if args.loss:
@@ -141,7 +141,7 @@ def _cmd_train_asn(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_fpr(args: argparse.Namespace) -> int:
-    from cascade.train import fpr_preset, train_fpr
+    from cascade.training import fpr_preset, train_fpr
 
     overrides: dict[str, object] = {"seed": args.seed}
     if args.epochs is not None:
@@ -173,7 +173,7 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_export(args: argparse.Namespace) -> int:
-    from cascade.train import export_weights
+    from cascade.training import export_weights
 
     out = export_weights(asn=args.asn, fpr=args.fpr, out=args.out)
     print(f"wrote {out}/asn.pt, fpr.pt and weights.json")
@@ -181,7 +181,7 @@ def _cmd_train_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_calibrate(args: argparse.Namespace) -> int:
-    from cascade.train import calibrate_weights
+    from cascade.training import calibrate_weights
 
     op = calibrate_weights(
         args.weights,
@@ -312,9 +312,9 @@ def _detector(args: argparse.Namespace, *, calibrated: bool) -> Any:
 
     With ``calibrated`` it reports at the operating point calibrated on these checkpoints
     (``weights.json`` beside ``--asn``), else at the FPR's decision alone
-    (:func:`cascade.detector.resolve_operating_point`); without, every candidate.
+    (:func:`cascade.inference.detector.resolve_operating_point`); without, every candidate.
     """
-    from cascade.detector import Detector, resolve_operating_point
+    from cascade.inference.detector import Detector, resolve_operating_point
 
     if args.asn is None:
         if args.fpr is not None:
@@ -327,7 +327,7 @@ def _detector(args: argparse.Namespace, *, calibrated: bool) -> Any:
 def _cmd_detect(args: argparse.Namespace) -> int:
     import json
 
-    from cascade.preview import write_detection_preview
+    from cascade.inference.preview import write_detection_preview
 
     files: list[Path] = []
     for item in args.inputs:
@@ -402,10 +402,10 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from cascade.evaluate import froc, froc_table, images_from_detections, plot_froc
-    from cascade.io import read_mammogram
-    from cascade.manifest import read_manifest
-    from cascade.preprocess import preprocess_mammogram
+    from cascade.data.io import read_mammogram
+    from cascade.data.manifest import read_manifest
+    from cascade.data.preprocess import preprocess_mammogram
+    from cascade.evaluation.froc import froc, froc_table, images_from_detections, plot_froc
 
     records = read_manifest(args.manifest)
     if args.detections is not None:

@@ -5,7 +5,7 @@ What it does, all on loopback and under ``DIR``:
 1. picks the model: the bundled weights when this installation has them; otherwise it
    says so and writes an *untrained*, random-weight model (its detections are
    meaningless — the demo then shows the plumbing, not the detector);
-2. renders a few phantom studies (:func:`cascade.phantom.generate_dataset`, small field);
+2. renders a few phantom studies (:func:`cascade.synthesis.generate_dataset`, small field);
 3. starts a local receiver (a pynetdicom storage SCP standing in for the PACS) that
    writes what it gets to ``DIR/received/``;
 4. starts the node (:func:`node.service.serve`: SCP, scheduler, one CPU worker process)
@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from cascade.errors import CalcnodeError
+from node.errors import CalcnodeError
 
 __all__ = ["run_demo", "write_untrained_model"]
 
@@ -50,8 +50,8 @@ def write_untrained_model(folder: Path, *, seed: int = 0) -> Path:
     """
     import torch
 
-    from cascade.checkpoint import save_checkpoint
     from cascade.models import get_model
+    from cascade.models.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -194,9 +194,9 @@ def run_demo(
     timeout : float or None
         Bound on the wait for results; ``SECONDS_PER_IMAGE × count`` when None.
     """
-    from cascade.manifest import read_manifest
-    from cascade.phantom import generate_dataset
-    from cascade.preview import write_detection_preview
+    from cascade.data.manifest import read_manifest
+    from cascade.inference.preview import write_detection_preview
+    from cascade.synthesis import generate_dataset
     from node.service import serve
     from node.settings import (
         DestinationSettings,

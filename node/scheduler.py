@@ -42,7 +42,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from cascade.detector import ImageDetections
+from cascade.inference.detector import ImageDetections
 from node.reports.common import MG_SOP_CLASS_UIDS, Provenance
 from node.settings import Settings
 from node.worker import ALGORITHM_NAME, detections_from_json, encode_dataset, series_uid_for

@@ -16,7 +16,7 @@ handler returns, so the order in the handler is the durability contract:
 1. free space above ``storage.min_free_mb`` → else 0xA700 (Refused: Out of Resources);
 2. a mammogram SOP class → else 0x0122 (Refused: SOP Class Not Supported);
 3. the header: parsed up to the pixel data only (no decoding), checked by
-   :func:`cascade.io.check_mammogram_header`, plus the pixel data element itself
+   :func:`cascade.data.io.check_mammogram_header`, plus the pixel data element itself
    (present, not truncated, native or encapsulated as the transfer syntax says) → else
    0xC210 (Cannot Understand) or 0xA900 (Data Set Does Not Match SOP Class), with an
    Error Comment;
@@ -79,13 +79,13 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from cascade.errors import InvalidImageError
-from cascade.io import (
+from cascade.data.io import (
     MG_FOR_PRESENTATION,
     MG_FOR_PROCESSING,
     MG_SOP_CLASSES,
     check_mammogram_header,
 )
+from cascade.errors import InvalidImageError
 from node.settings import Settings
 from storage.errors import DiskFullError
 from storage.filestore import FileStore, StoredFile

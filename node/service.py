@@ -33,8 +33,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from cascade.errors import CalcnodeError
 from node import sdnotify
+from node.errors import CalcnodeError
 from node.settings import Settings, log_effective_settings
 from node.worker import DetectorFactory, model_files, open_storage, run_worker
 

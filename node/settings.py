@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.errors import ConfigError
+from node.errors import ConfigError
 
 __all__ = [
     "AE_TITLE_MAX_LENGTH",

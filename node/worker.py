@@ -57,16 +57,16 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from cascade._version import __version__
-from cascade.detector import (
+from cascade.errors import InvalidImageError
+from cascade.inference.detector import (
     BUNDLED_WEIGHTS,
     Detection,
     ImageDetections,
     OperatingPoint,
     resolve_operating_point,
 )
-from cascade.errors import ConfigError, InvalidImageError
-from node import sdnotify
+from node import __version__, sdnotify
+from node.errors import ConfigError
 from node.reports.common import Provenance
 from node.settings import Settings
 from storage.errors import LeaseLostError, StorageError
@@ -103,7 +103,7 @@ PER_IMAGE_KINDS: tuple[str, ...] = ("seg", "gsps")
 
 
 class DetectorLike(Protocol):
-    """What the worker needs of a detector (:class:`cascade.detector.Detector`)."""
+    """What the worker needs of a detector (:class:`cascade.inference.detector.Detector`)."""
 
     @property
     def model_version(self) -> str: ...
@@ -269,7 +269,7 @@ def load_detector(settings: Settings, device: str | None = None) -> DetectorLike
     """
     import torch
 
-    from cascade.detector import Detector
+    from cascade.inference.detector import Detector
 
     files = model_files(settings)
     if settings.model.torch_threads > 0:
@@ -297,7 +297,7 @@ def operating_point(settings: Settings, files: ModelFiles) -> OperatingPoint:
     OperatingPoint
         ``calibrated``: the point stored in ``weights.json`` beside the ASN checkpoint
         when it was calibrated on these checkpoints, else the FPR's decision alone
-        (probability ≥ 0.5), with a warning (:func:`cascade.detector.resolve_operating_point`);
+        (probability ≥ 0.5), with a warning (:func:`cascade.inference.detector.resolve_operating_point`);
         ``all``: every candidate. ``max_findings`` then caps it (the smaller of the two
         limits when the stored point has one too).
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from cascade.detector import Detection, ImageDetections
+from cascade.inference.detector import Detection, ImageDetections
 from node.settings import (
     DestinationSettings,
     LoggingSettings,
@@ -408,7 +408,7 @@ def _restore_logger_levels() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small phantoms (seed 0) and their manifest."""
-    from cascade.phantom import generate_dataset
+    from cascade.synthesis import generate_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
@@ -417,7 +417,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantoms that have µCs (fewer images: faster loading)."""
-    from cascade.manifest import read_manifest, write_manifest
+    from cascade.data.manifest import read_manifest, write_manifest
 
     recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
     assert recs, "the phantom set has no µC"
@@ -427,7 +427,7 @@ def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of the "tiny" ASN preset trained on ``small_manifest`` (slow tests)."""
-    from cascade.train import ASN_PRESETS, train_asn
+    from cascade.training import ASN_PRESETS, train_asn
 
     out = tmp_path_factory.mktemp("asn")
     import torch
@@ -450,7 +450,7 @@ def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPa
     """Run folder of the "tiny" FPR preset trained on ``asn_run``'s candidates."""
     from dataclasses import replace
 
-    from cascade.train import FPR_PRESETS, train_fpr
+    from cascade.training import FPR_PRESETS, train_fpr
 
     out = tmp_path_factory.mktemp("fpr")
     best = train_fpr(

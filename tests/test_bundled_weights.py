@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade.checkpoint import checkpoint_sha256, describe_checkpoint
-from cascade.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
-from cascade.phantom import generate_dataset
+from cascade.inference.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
+from cascade.models.checkpoint import checkpoint_sha256, describe_checkpoint
+from cascade.synthesis import generate_dataset
 
 
 def test_bundled_weights_are_in_the_package() -> None:

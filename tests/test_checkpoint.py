@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from cascade import checkpoint as ckpt_mod
-from cascade._version import __version__
-from cascade.checkpoint import (
+from cascade import __version__
+from cascade.errors import CheckpointError
+from cascade.models import checkpoint as ckpt_mod
+from cascade.models import get_model
+from cascade.models.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     checkpoint_sha256,
@@ -25,8 +27,6 @@ from cascade.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from cascade.errors import CheckpointError
-from cascade.models import get_model
 
 PREPROCESSING = {
     "pixel_spacing_mm": 0.07,

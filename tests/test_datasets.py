@@ -1,4 +1,4 @@
-"""Behaviour of cascade.datasets: training images in the 70-µm grid, masks, patches, augmentation.
+"""Behaviour of cascade.data.datasets: 70-µm training images, masks, patches, augmentation.
 
 Coordinates: points are (x = column, y = row), 0-based, the first pixel's centre at (0, 0);
 manifest points are in the stored (received) grid, ``TrainingImage.centres`` in the working
@@ -14,16 +14,16 @@ import pydicom
 import pytest
 from skimage.draw import disk
 
-from cascade.datasets import (
+from cascade.data.datasets import (
     Augmentation,
     PatchSampler,
     TrainingImage,
     load_training_image,
     load_training_images,
 )
+from cascade.data.manifest import Calcification, ImageRecord, OtherFinding
+from cascade.data.preprocess import GridTransform
 from cascade.errors import DatasetError
-from cascade.manifest import Calcification, ImageRecord, OtherFinding
-from cascade.preprocess import GridTransform
 from tests.factories import make_mg_dataset
 
 # Received shapes (rows, cols) that resample to a 200 × 160 working grid at 70 µm.

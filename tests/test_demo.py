@@ -8,8 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cascade.errors import CalcnodeError
 from node.demo import DEMO_MARKER, run_demo
+from node.errors import CalcnodeError
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"  # Mammography CAD SR Storage
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the TID 1500 measurement report

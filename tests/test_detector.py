@@ -1,4 +1,4 @@
-"""Behaviour of cascade.detector's result types and of the work → received mask mapping.
+"""Behaviour of cascade.inference.detector's result types and of the work → received mask mapping.
 
 Coordinates: points are (x = column, y = row), 0-based, the first pixel's centre at
 (0, 0), in the received image's grid unless a name says ``work`` (the 70-µm grid);
@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from cascade.detector import Detection, ImageDetections, _mask_to_source
-from cascade.preprocess import GridTransform, preprocess
-from cascade.proposals import Candidate
+from cascade.data.preprocess import GridTransform, preprocess
+from cascade.inference.detector import Detection, ImageDetections, _mask_to_source
+from cascade.inference.proposals import Candidate
 from tests.factories import synthetic_breast
 
 

@@ -208,8 +208,8 @@ def test_orthanc_routes_a_phantom_study_and_receives_all_results(
 ) -> None:
     import torch
 
-    from cascade.detector import Detector
-    from cascade.phantom import generate_dataset
+    from cascade.inference.detector import Detector
+    from cascade.synthesis import generate_dataset
 
     generate_dataset(tmp_path / "phantoms", count=2, seed=7, size="small", progress=False)
     files = sorted((tmp_path / "phantoms").rglob("*.dcm"))

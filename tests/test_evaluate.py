@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.evaluate import (
+from cascade.evaluation.froc import (
     DET_FALSE_POSITIVE,
     DET_IGNORED,
     DET_NEAR_TRUTH,

@@ -1,4 +1,4 @@
-"""Behaviour of cascade.fpr: crops around candidates, batched FPR scoring, CropSet.
+"""Behaviour of cascade.inference.fpr: crops around candidates, batched FPR scoring, CropSet.
 
 Coordinates: centres are (x = column, y = row) in the 70-µm working grid, 0-based, the
 first pixel's centre at (0, 0); arrays are indexed ``[row, col]``.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.fpr import CROP_SIZE, CropSet, extract_crops, prepare_batch, score_crops
+from cascade.inference.fpr import CROP_SIZE, CropSet, extract_crops, prepare_batch, score_crops
 from cascade.models import get_model
 
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cascade.errors import DatasetError
-from cascade.inbreast import (
+from cascade.data.inbreast import (
     InbreastRoi,
     convert_inbreast,
     findings_from_rois,
     parse_inbreast_xml,
     parse_point,
 )
-from cascade.manifest import Calcification, read_manifest
+from cascade.data.manifest import Calcification, read_manifest
+from cascade.errors import DatasetError
 from tests.factories import make_mg_dataset
 
 Roi = tuple[str, Sequence[str]]
@@ -392,7 +392,7 @@ def test_xml_without_dicom_is_skipped_with_a_warning(
     write_xml(tmp_path / "AllXML" / "1.xml", [("Calcification", ["(5, 5)"])])
     write_xml(tmp_path / "AllXML" / "2.xml", [("Calcification", ["(6, 6)"])])
     write_dicom(tmp_path / "AllDICOMs", "1")
-    with caplog.at_level(logging.WARNING, logger="cascade.inbreast"):
+    with caplog.at_level(logging.WARNING, logger="cascade.data.inbreast"):
         out = convert_inbreast(
             xml_dir=tmp_path / "AllXML", dicom_dir=tmp_path / "AllDICOMs", out=tmp_path / "m.jsonl"
         )

@@ -19,14 +19,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cascade.errors import InvalidImageError
-from cascade.io import (
+from cascade.data.io import (
     MG_FOR_PRESENTATION,
     MG_FOR_PROCESSING,
     Mammogram,
     check_mammogram_header,
     read_mammogram,
 )
+from cascade.errors import InvalidImageError
 from tests.factories import (
     compress,
     jpeg_lossless_encoder_available,

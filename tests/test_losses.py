@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.losses import (
+from cascade.training.losses import (
     LOSSES,
     ReconstructionMSELoss,
     SegmentationCELoss,

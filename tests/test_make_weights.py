@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.detector import Detector, OperatingPoint
+from cascade.inference.detector import Detector, OperatingPoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

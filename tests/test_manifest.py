@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from cascade.errors import DatasetError
-from cascade.manifest import (
+from cascade.data.manifest import (
     MANIFEST_SCHEMA,
     Calcification,
     ImageRecord,
@@ -23,6 +22,7 @@ from cascade.manifest import (
     read_manifest,
     write_manifest,
 )
+from cascade.errors import DatasetError
 
 
 def _record(path: Path, **overrides: Any) -> ImageRecord:

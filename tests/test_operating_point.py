@@ -1,7 +1,7 @@
 """The detector's operating point: which scored candidates are reported, and how it is chosen.
 
-Covers :class:`cascade.detector.OperatingPoint` (validation, ``keeps``, JSON, the
-``weights.json`` entry), :func:`cascade.detector.calibrate_operating_point` on hand-built
+Covers :class:`cascade.inference.detector.OperatingPoint` (validation, ``keeps``, JSON, the
+``weights.json`` entry), :func:`cascade.inference.detector.calibrate_operating_point` on hand-built
 detections with hand-computed FROC values, the ``[model] operating_point`` /
 ``max_findings`` settings, :func:`node.worker.operating_point`, and (slow) a tiny trained
 cascade calibrated through ``calcnode train calibrate`` and used by ``calcnode detect``.
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from conftest import make_settings, write_tiny_model
 
-from cascade.checkpoint import checkpoint_sha256
-from cascade.detector import (
+from cascade.errors import CheckpointError
+from cascade.inference.detector import (
     BUNDLED_WEIGHTS,
     Detection,
     Detector,
@@ -35,7 +35,8 @@ from cascade.detector import (
     OperatingPoint,
     calibrate_operating_point,
 )
-from cascade.errors import CheckpointError, ConfigError
+from cascade.models.checkpoint import checkpoint_sha256
+from node.errors import ConfigError
 from node.settings import ModelSettings, Settings, load_settings
 from node.worker import load_detector, model_files, operating_point
 
@@ -274,7 +275,7 @@ def bundled_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("asn.pt", "fpr.pt"):
         assert (BUNDLED_WEIGHTS / name).is_file(), f"no bundled {name}"
         (folder / name).symlink_to(BUNDLED_WEIGHTS / name)
-    monkeypatch.setattr("cascade.detector.BUNDLED_WEIGHTS", folder)
+    monkeypatch.setattr("cascade.inference.detector.BUNDLED_WEIGHTS", folder)
     return folder
 
 
@@ -469,7 +470,7 @@ def test_calibration_rejects_a_bad_fpr_threshold_or_max_detections() -> None:
 
 
 class _StandInCascade:
-    """Replaces :class:`cascade.detector.Detector` in ``calibrate_weights``: returns the
+    """Replaces :class:`cascade.inference.detector.Detector` in ``calibrate_weights``: returns the
     hand-built detections of :func:`_results` by file name, records how it was built."""
 
     built: ClassVar[list[dict[str, Any]]] = []
@@ -489,13 +490,13 @@ class _StandInCascade:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[_StandInCascade]:
     monkeypatch.setattr(_StandInCascade, "built", [])
     monkeypatch.setattr(_StandInCascade, "detected", [])
-    monkeypatch.setattr("cascade.detector.Detector", _StandInCascade)
+    monkeypatch.setattr("cascade.inference.detector.Detector", _StandInCascade)
     return _StandInCascade
 
 
 def _hand_manifest(folder: Path) -> Path:
     """Images A and B of :func:`_results` as manifest records (files are placeholders)."""
-    from cascade.manifest import Calcification, ImageRecord, write_manifest
+    from cascade.data.manifest import Calcification, ImageRecord, write_manifest
 
     records = []
     for name, uid, truth in (("a.dcm", "1.2.3.1", A_TRUTH), ("b.dcm", "1.2.3.2", B_TRUTH)):
@@ -870,7 +871,7 @@ def exported_weights(
     asn_run: Path, fpr_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """``calcnode train export`` output of the tiny trained cascade (no operating point)."""
-    from cascade.train import export_weights
+    from cascade.training import export_weights
 
     folder = export_weights(
         asn=asn_run / "best.pt", fpr=fpr_run / "best.pt", out=tmp_path_factory.mktemp("op-w")
@@ -884,7 +885,7 @@ def every_candidate(
     exported_weights: Path, phantom_manifest: Path
 ) -> list[tuple[Any, ImageDetections]]:
     """(manifest record, every scored candidate) per phantom, before calibration."""
-    from cascade.manifest import read_manifest
+    from cascade.data.manifest import read_manifest
 
     detector = Detector(exported_weights / "asn.pt", exported_weights / "fpr.pt", device="cpu")
     assert detector.operating_point is None
@@ -965,7 +966,7 @@ def test_calibrated_detector_returns_the_candidates_its_operating_point_keeps(
     calibrated: tuple[Path, float, dict[str, Any]],
     every_candidate: list[tuple[Any, ImageDetections]],
 ) -> None:
-    from cascade.evaluate import ImageEval, froc
+    from cascade.evaluation.froc import ImageEval, froc
 
     folder, _, _ = calibrated
     op = OperatingPoint.for_weights(folder)

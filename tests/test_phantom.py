@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless
 
-from cascade.manifest import read_manifest
-from cascade.phantom import (
+from cascade.data.manifest import read_manifest
+from cascade.synthesis import (
     MG_FOR_PRESENTATION,
     NEGATIVE_FRACTION,
     VENDORS,
@@ -357,7 +357,7 @@ def test_generate_dataset_draws_only_the_vendors_asked_for(tmp_path: Path) -> No
 
 
 def test_cli_vendor_choices_are_the_phantom_vendors() -> None:
-    from cascade.phantom import VENDORS
+    from cascade.synthesis import VENDORS
     from node.cli import PHANTOM_VENDORS
 
     assert tuple(sorted(VENDORS)) == PHANTOM_VENDORS

@@ -10,15 +10,15 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from cascade.errors import InvalidImageError
-from cascade.io import read_mammogram
-from cascade.preprocess import (
+from cascade.data.io import read_mammogram
+from cascade.data.preprocess import (
     GridTransform,
     PreprocessedImage,
     breast_mask,
     preprocess,
     preprocess_mammogram,
 )
+from cascade.errors import InvalidImageError
 from tests.factories import make_mg_dataset, synthetic_breast
 
 SPACINGS = [(0.05, 0.05), (0.07, 0.07), (0.085, 0.085), (0.1, 0.1), (0.05, 0.1), (0.1, 0.065)]

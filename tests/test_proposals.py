@@ -1,4 +1,4 @@
-"""Behaviour of cascade.proposals: tiled residual maps and candidates from them.
+"""Behaviour of cascade.inference.proposals: tiled residual maps and candidates from them.
 
 Coordinates: points are (x = column, y = row), 0-based, the first pixel's centre at (0, 0),
 in the 70-µm working grid (``x_work``, ``y_work``) and in the received grid (``x``, ``y``);
@@ -14,15 +14,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from cascade.models import get_model
-from cascade.preprocess import GridTransform, preprocess
-from cascade.proposals import (
+from cascade.data.preprocess import GridTransform, preprocess
+from cascade.inference.proposals import (
     Candidate,
     ProposalConfig,
     candidates_xy,
     propose,
     residual_map,
 )
+from cascade.models import get_model
 from tests.factories import synthetic_breast
 
 # Received-grid shapes (rows, cols) that resample to a 200 × 160 working grid at 70 µm.
@@ -424,7 +424,7 @@ def test_a_degenerate_map_with_flat_maxima_everywhere_gives_one_peak_per_patch(
     rmap[10:160, 10:310] = 0.5
     rmap[160:310, 10:310] = 0.7
     cfg = ProposalConfig(split="maxima", min_area_px=1)
-    with caplog.at_level("WARNING", logger="cascade.proposals"):
+    with caplog.at_level("WARNING", logger="cascade.inference.proposals"):
         cands = propose(rmap, tr, config=cfg)
     assert "local maxima above threshold" in caplog.text
     assert 1 <= len(cands) <= 2

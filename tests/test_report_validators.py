@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from cascade.detector import Detection, ImageDetections
+from cascade.inference.detector import Detection, ImageDetections
 from node.reports import Provenance, build_cad_sr, build_gsps, build_seg, build_tid1500_sr
 from tests import validators as v
 from tests.factories import make_mg_dataset

@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from cascade.detector import Detection, ImageDetections
+from cascade.inference.detector import Detection, ImageDetections
 from node.reports import (
     SERIES_DESCRIPTIONS,
     Provenance,

@@ -23,7 +23,7 @@ from conftest import (
 )
 from factories import make_mg_dataset
 
-from cascade.errors import ConfigError
+from node.errors import ConfigError
 from node.service import format_status, retry_job, serve, status
 from node.settings import DestinationSettings, Settings, dump_toml
 from storage.errors import JobNotFoundError
@@ -263,7 +263,7 @@ def test_retry_job_requeues_a_failed_job(tmp_path: Path) -> None:
 
 
 def test_status_without_a_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
-    from cascade.errors import CalcnodeError
+    from node.errors import CalcnodeError
 
     settings = make_settings(tmp_path / "never-started")
     with pytest.raises(CalcnodeError, match=r"storage\.database_url"):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import ConfigError
 from node import sdnotify
+from node.errors import ConfigError
 from node.settings import (
     OUTPUT_KINDS,
     DestinationSettings,

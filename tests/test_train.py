@@ -1,4 +1,4 @@
-"""Behaviour of cascade.train end to end on a few small phantoms, and of the trained Detector.
+"""Behaviour of cascade.training end to end on a few small phantoms, and of the trained Detector.
 
 Session fixtures (tests/conftest.py) render 4 small phantoms and train the "tiny" ASN
 preset once on the 2 that have µCs (≈ 30 s on 2 CPU cores); the tiny FPR (at most 20
@@ -17,22 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from cascade._version import __version__
-from cascade.checkpoint import checkpoint_sha256, load_checkpoint
-from cascade.datasets import TrainingImage
-from cascade.detector import Detector, OperatingPoint
+from cascade import __version__
+from cascade.data.datasets import TrainingImage
+from cascade.data.manifest import ImageRecord, OtherFinding, read_manifest
+from cascade.data.preprocess import GridTransform
 from cascade.errors import CheckpointError, TrainingError
-from cascade.manifest import ImageRecord, OtherFinding, read_manifest
+from cascade.inference.detector import Detector, OperatingPoint
 from cascade.models import get_model
-from cascade.preprocess import GridTransform
-from cascade.train import (
+from cascade.models.checkpoint import checkpoint_sha256, load_checkpoint
+from cascade.training import (
     ASN_PRESETS,
     FPR_PRESETS,
     AsnTrainConfig,
     FprTrainConfig,
     other_negative_points,
     preset,
-    resolve_device,
     split_records,
     train_asn,
     train_fpr,
@@ -143,7 +142,7 @@ def test_train_asn_refuses_to_resume_from_a_weights_only_checkpoint(
 def test_train_asn_stops_on_a_non_finite_loss(
     small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cascade.train as train_mod
+    import cascade.training as train_mod
 
     def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
         return torch.tensor(float("nan"), requires_grad=True)
@@ -300,14 +299,6 @@ def test_detector_rejects_an_asn_checkpoint_as_the_fpr(asn_run: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def test_resolve_device_auto_is_cpu_without_cuda() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(TrainingError, match="CUDA"):
-        resolve_device("cuda")
 
 
 @pytest.mark.parametrize(

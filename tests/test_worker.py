@@ -13,7 +13,8 @@ import pytest
 from conftest import FakeDetector, fast_factory, make_settings, make_worker, receive, slow_factory
 from factories import make_mg_dataset
 
-from cascade.errors import ConfigError, InvalidImageError
+from cascade.errors import InvalidImageError
+from node.errors import ConfigError
 from node.settings import DestinationSettings
 from node.worker import (
     Worker,
@@ -130,7 +131,7 @@ def test_worker_writes_only_the_enabled_kinds_and_no_seg_without_findings(
 def test_invalid_image_fails_without_retry_and_keeps_the_error(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    from cascade.detector import Detector
+    from cascade.inference.detector import Detector
 
     settings = make_settings(tmp_path, model_path=tiny_model)
     worker = make_worker(settings, Detector(tiny_model, device="cpu"))
@@ -289,7 +290,7 @@ def test_worker_rejects_an_empty_worker_id(tmp_path: Path) -> None:
 
 def test_invalid_image_error_is_what_the_detector_raises_for_a_spacing_less_image() -> None:
     # Guards the contract the worker's no-retry rule relies on.
-    from cascade.io import read_mammogram
+    from cascade.data.io import read_mammogram
 
     with pytest.raises(InvalidImageError):
         read_mammogram(make_mg_dataset(pixel_spacing=None, imager_pixel_spacing=None))

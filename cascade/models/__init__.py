@@ -4,7 +4,7 @@
 (``"asn_unet"``, ``"fpr_resnet50"``) or from a preset name (a builder plus default
 arguments, listed in :data:`PRESETS`); ``cfg`` overrides the defaults. A
 checkpoint stores the name and the arguments, never a pickled module, and rebuilds
-the network through this function (see :mod:`cascade.checkpoint`).
+the network through this function (see :mod:`cascade.models.checkpoint`).
 
 Every model that :func:`get_model` returns carries ``model.model_name`` (the
 builder's name) and ``model.model_config`` (every builder argument, defaults

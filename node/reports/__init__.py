@@ -5,7 +5,7 @@
 - :func:`build_seg` — binary Segmentation, one per image with findings.
 - :func:`build_gsps` — Grayscale Softcopy Presentation State, one per image (generic viewers).
 
-All take the received MG datasets and :class:`cascade.detector.ImageDetections`
+All take the received MG datasets and :class:`cascade.inference.detector.ImageDetections`
 (x = column, y = row, 0-based, first pixel's CENTRE at (0, 0), received grid) and
 write DICOM graphic coordinates ((0, 0) at the first pixel's top-left CORNER).
 See ``docs/conformance.md``.

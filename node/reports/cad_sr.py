@@ -23,7 +23,7 @@ Rendering intent
 ----------------
 Without ``operating_point`` every finding is "Presentation Required" (the detector
 already applied its threshold). With ``operating_point`` (on the fused score,
-:attr:`cascade.detector.Detection.score`), a detection at or above it is
+:attr:`cascade.inference.detector.Detection.score`), a detection at or above it is
 "Presentation Required"; below it, "Presentation Optional" with CAD Operating
 Point 1 (operating point 0 is the node's configured one, 1 the more sensitive
 level that shows everything the detector kept). A cluster is "Presentation
@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from cascade.detector import Detection, ImageDetections
+from cascade.inference.detector import Detection, ImageDetections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
     SERIES_NUMBERS,

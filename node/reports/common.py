@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from cascade.detector import Detection, ImageDetections
+from cascade.inference.detector import Detection, ImageDetections
 
 __all__ = [
     "MG_SOP_CLASS_UIDS",

@@ -27,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from cascade.detector import ImageDetections
+from cascade.inference.detector import ImageDetections
 from node.reports.cad_sr import cluster_detections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,

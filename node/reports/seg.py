@@ -19,7 +19,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from cascade.detector import ImageDetections
+from cascade.inference.detector import ImageDetections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
     SERIES_NUMBERS,

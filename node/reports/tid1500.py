@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from cascade.detector import ImageDetections
+from cascade.inference.detector import ImageDetections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
     SERIES_NUMBERS,

@@ -26,8 +26,8 @@ from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 from skimage.transform import resize
 
+from cascade.data.io import Mammogram
 from cascade.errors import InvalidImageError
-from cascade.io import Mammogram
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def preprocess(
     ----------
     pixels : numpy.ndarray
         2-D ``(rows, columns)`` display-domain image, brighter = more attenuating (e.g.
-        :attr:`cascade.io.Mammogram.pixels`).
+        :attr:`cascade.data.io.Mammogram.pixels`).
     pixel_spacing_mm : (float, float)
         (row, col) spacing of ``pixels`` in mm.
     target_spacing_mm : float
@@ -438,7 +438,7 @@ def preprocess(
 
 
 def preprocess_mammogram(m: Mammogram, **kw: object) -> PreprocessedImage:
-    """:func:`preprocess` on a :class:`cascade.io.Mammogram` with its own pixel spacing.
+    """:func:`preprocess` on a :class:`cascade.data.io.Mammogram` with its own pixel spacing.
 
     Parameters
     ----------

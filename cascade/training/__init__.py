@@ -20,16 +20,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cascade._version import __version__
-from cascade.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
-from cascade.datasets import Augmentation, PatchSampler, TrainingImage, load_training_images
-from cascade.detector import OperatingPoint
+from cascade import __version__
+from cascade.data.datasets import Augmentation, PatchSampler, TrainingImage, load_training_images
+from cascade.data.manifest import ImageRecord, read_manifest
+from cascade.device import resolve_device
 from cascade.errors import TrainingError
-from cascade.evaluate import ImageEval, froc
-from cascade.losses import get_loss, residual
-from cascade.manifest import ImageRecord, read_manifest
+from cascade.evaluation.froc import ImageEval, froc
+from cascade.inference.detector import OperatingPoint
+from cascade.inference.proposals import ProposalConfig, candidates_xy, propose, residual_map
 from cascade.models import get_model
-from cascade.proposals import ProposalConfig, candidates_xy, propose, residual_map
+from cascade.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from cascade.training.losses import get_loss, residual
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ __all__ = [
     "AsnTrainConfig",
     "FprTrainConfig",
     "calibrate_weights",
-    "resolve_device",
     "split_records",
     "train_asn",
     "train_fpr",
@@ -52,16 +52,6 @@ INTENDED_USE = (
     "Research software. Trained on synthetic phantom mammograms only (calcnode phantom); "
     "never validated on patient images. Not for clinical use."
 )
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` → the first CUDA device when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r} was asked for but CUDA is not available")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -569,7 +559,7 @@ def collect_candidates(
     progress: bool = False,
 ) -> list[_CandidateImage]:
     """Run ASN on images and cut labelled crops around every candidate and every µC."""
-    from cascade.fpr import extract_crops
+    from cascade.inference.fpr import extract_crops
 
     out = []
     iterator: Any = images
@@ -636,7 +626,7 @@ def evaluate_cascade(
     ks: Sequence[float] = (0.5, 1, 2, 5, 10, 15, 20),
 ) -> dict[str, Any]:
     """FROC of ASN × FPR on pre-computed candidates (1-mm rule, received grid)."""
-    from cascade.fpr import score_crops
+    from cascade.inference.fpr import score_crops
 
     evals = []
     for ci in cand_images:
@@ -674,7 +664,7 @@ def train_fpr(
     Writes ``out/last.pt`` (resumable), ``out/best.pt`` (best cascade R@5 on the
     validation images, ties broken by R@1) and ``out/history.json``.
     """
-    from cascade.fpr import CROP_SIZE, extract_crops, prepare_batch
+    from cascade.inference.fpr import CROP_SIZE, extract_crops, prepare_batch
 
     config = config or FPR_PRESETS["cpu"]
     out = Path(out)
@@ -882,7 +872,7 @@ def export_weights(
     (synthetic phantoms only — not for clinical use). This is how the bundled weights
     in ``cascade/weights/`` are made.
     """
-    from cascade.checkpoint import describe_checkpoint, export_checkpoint
+    from cascade.models.checkpoint import describe_checkpoint, export_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -930,14 +920,14 @@ def calibrate_weights(
     and picks the final-score threshold that leaves at most ``target_fp_per_image``
     false positives per image (1-mm rule). The result goes into ``weights.json`` as
     ``operating_point`` (the checkpoints are not touched) and is returned as a
-    :class:`cascade.detector.OperatingPoint`. Use images no model was trained on.
+    :class:`cascade.inference.detector.OperatingPoint`. Use images no model was trained on.
 
     Raises
     ------
     TrainingError
         No ``weights.json`` or ``asn.pt`` in the folder, or an empty manifest.
     """
-    from cascade.detector import Detector, calibrate_operating_point
+    from cascade.inference.detector import Detector, calibrate_operating_point
 
     if not (
         isinstance(target_fp_per_image, (int, float))

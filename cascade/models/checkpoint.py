@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cascade._version import __version__
+from cascade import __version__
 from cascade.errors import CheckpointError
 from cascade.models import count_parameters, get_model, resolve_model_config
 

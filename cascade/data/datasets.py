@@ -22,10 +22,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.draw import disk, polygon
 
+from cascade.data.io import read_mammogram
+from cascade.data.manifest import ImageRecord
+from cascade.data.preprocess import GridTransform, preprocess_mammogram
 from cascade.errors import DatasetError
-from cascade.io import read_mammogram
-from cascade.manifest import ImageRecord
-from cascade.preprocess import GridTransform, preprocess_mammogram
 
 logger = logging.getLogger(__name__)
 

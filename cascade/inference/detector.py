@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Folder of the weights shipped in the package (trained on synthetic phantoms only).
-BUNDLED_WEIGHTS = Path(__file__).parent / "weights"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +184,7 @@ class OperatingPoint:
         CheckpointError
             ``weights.json`` exists but holds an unusable operating point.
         """
-        from cascade.checkpoint import checkpoint_sha256
+        from cascade.models.checkpoint import checkpoint_sha256
 
         folder = Path(asn).parent
         stored = cls.for_weights(folder)
@@ -363,9 +363,9 @@ class Detector:
         fpr_batch_size: int = 256,
         operating_point: OperatingPoint | None = None,
     ) -> None:
-        from cascade.checkpoint import checkpoint_sha256, load_checkpoint
-        from cascade.proposals import ProposalConfig
-        from cascade.train import resolve_device
+        from cascade.device import resolve_device
+        from cascade.inference.proposals import ProposalConfig
+        from cascade.models.checkpoint import checkpoint_sha256, load_checkpoint
 
         self.device = resolve_device(device)
         asn = load_checkpoint(asn_checkpoint, map_location=self.device)
@@ -436,10 +436,10 @@ class Detector:
         self, source: str | os.PathLike[str] | pydicom.Dataset | BinaryIO, *, path: str = ""
     ) -> ImageDetections:
         """Detect µCs in one mammogram; coordinates in the received grid."""
-        from cascade.fpr import extract_crops, score_crops
-        from cascade.io import read_mammogram
-        from cascade.preprocess import preprocess_mammogram
-        from cascade.proposals import candidates_xy, propose_image
+        from cascade.data.io import read_mammogram
+        from cascade.data.preprocess import preprocess_mammogram
+        from cascade.inference.fpr import extract_crops, score_crops
+        from cascade.inference.proposals import candidates_xy, propose_image
 
         mammo = read_mammogram(source)
         meta = mammo.metadata
@@ -562,7 +562,7 @@ def calibrate_operating_point(
     OperatingPoint
         With ``calibration`` holding the target, the FP/image and recall reached.
     """
-    from cascade.evaluate import ImageEval, froc
+    from cascade.evaluation.froc import ImageEval, froc
 
     if not (target_fp_per_image > 0 and math.isfinite(target_fp_per_image)):
         raise ValueError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")

@@ -13,7 +13,7 @@ Mapping rules (documented in ``docs/dataset-format.md``):
   (case-insensitive) are calcifications. One distinct point → a point µC (no size).
   Several points → an outline: centre = polygon (area) centroid, size = maximum
   Feret diameter (largest distance between two vertices, in mm). Larger than
-  :data:`~cascade.manifest.MAX_MICRO_DIAMETER_MM` (1 mm) → an "other" finding of
+  :data:`~cascade.data.manifest.MAX_MICRO_DIAMETER_MM` (1 mm) → an "other" finding of
   kind ``"calcification"``, not a µC.
 * ``Cluster`` → a cluster outline.
 * Any other name (``Mass``, ``Spiculated Region``, ``Asymmetry``, …) → an "other"
@@ -42,14 +42,14 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from cascade.errors import DatasetError
-from cascade.manifest import (
+from cascade.data.manifest import (
     MAX_MICRO_DIAMETER_MM,
     Calcification,
     ImageRecord,
     OtherFinding,
     write_manifest,
 )
+from cascade.errors import DatasetError
 
 __all__ = [
     "CALCIFICATION_NAMES",

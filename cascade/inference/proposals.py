@@ -28,7 +28,7 @@ from skimage.feature import peak_local_max
 from skimage.measure import label, regionprops
 from skimage.segmentation import watershed
 
-from cascade.preprocess import GridTransform, PreprocessedImage
+from cascade.data.preprocess import GridTransform, PreprocessedImage
 
 logger = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ from pydicom.uid import (
 from scipy import fft as sfft
 from scipy import ndimage
 
-from cascade._version import __version__
-from cascade.manifest import Calcification, ImageRecord, OtherFinding, write_manifest
+from cascade import __version__
+from cascade.data.manifest import Calcification, ImageRecord, OtherFinding, write_manifest
 
 __all__ = [
     "DENSITIES",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cascade.detector import ImageDetections
+from cascade.inference.detector import ImageDetections
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def write_detection_preview(
     max_side: int = 1600,
 ) -> Path:
     """Write a PNG of ``source`` with ``result``'s detections (yellow) and truth (green)."""
-    from cascade.io import read_mammogram
+    from cascade.data.io import read_mammogram
 
     mammo = read_mammogram(source)
     circles = [

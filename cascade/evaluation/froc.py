@@ -762,7 +762,7 @@ def images_from_detections(
 
     Parameters
     ----------
-    records : sequence of cascade.manifest.ImageRecord
+    records : sequence of cascade.data.manifest.ImageRecord
         The ground truth; every record becomes one :class:`ImageEval`.
     detections : mapping
         A decoded ``detections.json`` (``{"images": [...]}``). An image of the
