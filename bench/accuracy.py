@@ -80,9 +80,11 @@ from cascade.data.manifest import ImageRecord
 from cascade.data.preprocess import PreprocessedImage
 from cascade.errors import CheckpointError
 from cascade.evaluation.froc import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
-from cascade.inference.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
+from cascade.evaluation.operating_point import OperatingPoint
+from cascade.inference.detector import Detector
 from cascade.inference.fpr import extract_crops, score_crops
 from cascade.inference.proposals import candidates_xy, propose, residual_map
+from cascade.inference.weights import BUNDLED_WEIGHTS, read_operating_point
 
 logger = logging.getLogger("bench.accuracy")
 
@@ -503,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == CE_FPR and asn is None:
             continue
         det, info = load_cascade(name, asn, fpr, device=args.device)
-        op = OperatingPoint.for_weights(BUNDLED_WEIGHTS if asn is None else asn.parent)
+        op = read_operating_point(BUNDLED_WEIGHTS if asn is None else asn.parent)
         info["operating_point"] = None if op is None else op.to_json()
         cascades.append(Cascade(name, det, info, operating_point=op))
     device_label = cascades[0].detector.device.type

@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from node.demo import write_untrained_model
+    from node.model import model_weights
     from node.service import serve
     from node.settings import (
         DestinationSettings,
@@ -214,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         StudySettings,
         WorkerSettings,
     )
-    from node.worker import model_files
     from storage.queue import open_database
 
     work = Path(tempfile.mkdtemp(prefix="calcnode-bench-"))
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model
     if model_path is None:
         try:
-            model_files(Settings())
+            model_weights(Settings())
             model_kind = "bundled"
         except Exception:
             model_path = write_untrained_model(work / "untrained")

@@ -48,12 +48,9 @@ from _common import (
 
 from cascade.data.manifest import ImageRecord, read_manifest
 from cascade.evaluation.froc import DET_NEAR_TRUTH, ImageEval, match_image
-from cascade.inference.detector import (
-    BUNDLED_WEIGHTS,
-    Detector,
-    OperatingPoint,
-    resolve_operating_point,
-)
+from cascade.evaluation.operating_point import OperatingPoint
+from cascade.inference.detector import Detector
+from cascade.inference.weights import ModelWeights
 
 logger = logging.getLogger("bench.vessels")
 
@@ -214,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("the manifests hold no images")
     machine = machine_info()
     detector = Detector.bundled(device=args.device, calibrated=False)
-    op = resolve_operating_point(BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt")
+    op = ModelWeights.bundled_weights().operating_point()
     out = run(detector, op, records)
     machine["load_average_end"] = list(os.getloadavg())
     data: dict[str, Any] = {

@@ -10,6 +10,7 @@ nothing of the node: ``storage`` keeps its own root
 from __future__ import annotations
 
 __all__ = [
+    "CalibrationError",
     "CascadeError",
     "CheckpointError",
     "DatasetError",
@@ -37,6 +38,10 @@ class CheckpointError(CascadeError):
 
 class DeviceError(CascadeError):
     """The requested compute device does not exist on this machine."""
+
+
+class CalibrationError(CascadeError):
+    """An operating point cannot be chosen (bad target or threshold, no validation images)."""
 
 
 class TrainingError(CascadeError):

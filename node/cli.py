@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
-from node.errors import CalcnodeError
+from node.errors import USER_ERRORS, CalcnodeError
 
 logger = logging.getLogger("calcnode")
 
@@ -173,7 +173,7 @@ def _cmd_train_fpr(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_export(args: argparse.Namespace) -> int:
-    from cascade.training import export_weights
+    from cascade.inference.weights import export_weights
 
     out = export_weights(asn=args.asn, fpr=args.fpr, out=args.out)
     print(f"wrote {out}/asn.pt, fpr.pt and weights.json")
@@ -181,7 +181,7 @@ def _cmd_train_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_calibrate(args: argparse.Namespace) -> int:
-    from cascade.training import calibrate_weights
+    from cascade.inference.weights import calibrate_weights
 
     op = calibrate_weights(
         args.weights,
@@ -312,16 +312,20 @@ def _detector(args: argparse.Namespace, *, calibrated: bool) -> Any:
 
     With ``calibrated`` it reports at the operating point calibrated on these checkpoints
     (``weights.json`` beside ``--asn``), else at the FPR's decision alone
-    (:func:`cascade.inference.detector.resolve_operating_point`); without, every candidate.
+    (:meth:`cascade.inference.weights.ModelWeights.operating_point`); without, every
+    candidate.
     """
-    from cascade.inference.detector import Detector, resolve_operating_point
+    from cascade.inference.detector import Detector
+    from cascade.inference.weights import ModelWeights
 
     if args.asn is None:
         if args.fpr is not None:
             raise CalcnodeError("--fpr needs --asn (without both: the bundled weights)")
-        return Detector.bundled(device=args.device, calibrated=calibrated)
-    op = resolve_operating_point(args.asn, args.fpr) if calibrated else None
-    return Detector(args.asn, args.fpr, device=args.device, operating_point=op)
+        weights = ModelWeights.bundled_weights()
+    else:
+        weights = ModelWeights.at(args.asn, args.fpr)
+    op = weights.operating_point() if calibrated else None
+    return Detector.from_weights(weights, device=args.device, operating_point=op)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -582,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args))
-    except CalcnodeError as exc:
+    except USER_ERRORS as exc:
         print(f"calcnode: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

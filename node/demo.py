@@ -195,8 +195,10 @@ def run_demo(
         Bound on the wait for results; ``SECONDS_PER_IMAGE × count`` when None.
     """
     from cascade.data.manifest import read_manifest
+    from cascade.inference.detector import ImageDetections
     from cascade.inference.preview import write_detection_preview
     from cascade.synthesis import generate_dataset
+    from node.model import model_weights
     from node.service import serve
     from node.settings import (
         DestinationSettings,
@@ -210,7 +212,6 @@ def run_demo(
         StudySettings,
         WorkerSettings,
     )
-    from node.worker import detections_from_json, model_files
     from storage.queue import open_database
 
     out = Path(out)
@@ -235,8 +236,8 @@ def run_demo(
     # 1. the model
     model_path: Path | None = None
     try:
-        files = model_files(Settings())
-        print(f"model: bundled weights {files.asn.parent} (trained on synthetic phantoms only)")
+        weights = model_weights(Settings())
+        print(f"model: bundled weights {weights.folder} (trained on synthetic phantoms only)")
     except Exception as exc:  # ConfigError: no bundled weights in this installation
         model_path = write_untrained_model(out / "untrained-model")
         print(
@@ -339,7 +340,7 @@ def run_demo(
                 result = job.result or {}
                 if "detections" not in result:
                     continue
-                dets = detections_from_json(result["detections"])
+                dets = ImageDetections.from_json(result["detections"])
                 found = truth.get(job.sop_instance_uid)
                 if found is None:
                     continue

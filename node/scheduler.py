@@ -1,8 +1,11 @@
-"""The node's periodic jobs: study completion, sends, lease recovery, retention.
+"""The node's periodic tasks: study completion, sends, lease recovery, retention.
 
-Each job is a plain function of ``(database, store, settings, *, now=None)`` that tests
+Vocabulary: a *job* is a queue row (one received image, :mod:`storage.jobs`); a *task*
+is one of the periodic functions here (APScheduler calls them "jobs" internally).
+
+Each task is a plain function of ``(database, store, settings, *, now=None)`` that tests
 call directly with an injected ``now``; :class:`NodeScheduler` runs them on an
-APScheduler 3 ``BackgroundScheduler`` at the intervals of ``[scheduler]``. Every job
+APScheduler 3 ``BackgroundScheduler`` at the intervals of ``[scheduler]``. Every task
 catches and logs its own exceptions: one bad study or a dead PACS never stops the
 scheduler.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +46,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from cascade.inference.detector import ImageDetections
+from node.identity import series_uid_for
 from node.reports.common import MG_SOP_CLASS_UIDS, Provenance
+from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
-from node.worker import ALGORITHM_NAME, detections_from_json, encode_dataset, series_uid_for
 from storage.filestore import FileStore
 from storage.models import utcnow
 from storage.queue import Database, JobInfo, StudyDue
@@ -94,17 +98,30 @@ def _now(now: dt.datetime | None) -> dt.datetime:
     return utcnow() if now is None else now
 
 
-def _provenance_of(jobs: Iterable[JobInfo]) -> Provenance | None:
+def _results_of(jobs: Iterable[JobInfo]) -> dict[int, JobResult]:
+    """The :class:`JobResult` of every done job (job id → result); unreadable ones logged."""
+    results: dict[int, JobResult] = {}
+    for job in jobs:
+        if job.state != "done" or not job.result:
+            continue
+        try:
+            results[job.job_id] = JobResult.from_json(job.result)
+        except ValueError as exc:
+            logger.error("job %d: unreadable result (%s); left out of the report", job.job_id, exc)
+    return results
+
+
+def _provenance_of(jobs: Iterable[JobInfo], results: Mapping[int, JobResult]) -> Provenance | None:
     """The provenance stored by the worker in the latest done job of the study."""
-    latest: tuple[dt.datetime, dict[str, Any]] | None = None
+    latest: tuple[dt.datetime, Provenance] | None = None
     seen: set[str] = set()
     for job in jobs:
-        prov = (job.result or {}).get("provenance")
-        if not isinstance(prov, dict):
+        result = results.get(job.job_id)
+        if result is None:
             continue
-        seen.add(str(prov.get("device_uid")))
+        seen.add(result.provenance.device_uid)
         if latest is None or job.updated_at > latest[0]:
-            latest = (job.updated_at, prov)
+            latest = (job.updated_at, result.provenance)
     if latest is None:
         return None
     if len(seen) > 1:
@@ -113,36 +130,24 @@ def _provenance_of(jobs: Iterable[JobInfo]) -> Provenance | None:
             "the latest",
             len(seen),
         )
-    prov = latest[1]
-    return Provenance(
-        algorithm_name=str(prov.get("algorithm_name") or ALGORITHM_NAME),
-        algorithm_version=str(prov["algorithm_version"]),
-        model_version=str(prov["model_version"]),
-        device_uid=str(prov["device_uid"]),
-    )
+    return latest[1]
 
 
 def _study_pairs(
-    store: FileStore, jobs: list[JobInfo]
+    store: FileStore, jobs: list[JobInfo], results: Mapping[int, JobResult]
 ) -> tuple[list[tuple[Dataset, ImageDetections]], list[JobInfo]]:
     """(source header, detections) of every done job; and the jobs left out."""
     pairs: list[tuple[Dataset, ImageDetections]] = []
     left_out: list[JobInfo] = []
     for job in jobs:
-        if job.state != "done" or not isinstance((job.result or {}).get("detections"), dict):
-            left_out.append(job)
-            continue
-        if job.sop_class_uid not in MG_SOP_CLASS_UIDS:
+        result = results.get(job.job_id)
+        if result is None or job.sop_class_uid not in MG_SOP_CLASS_UIDS:
             left_out.append(job)
             continue
         # The SRs need the header only (UIDs, rows/columns, laterality, view, spacing).
         source = pydicom.dcmread(store.resolve(job.path), stop_before_pixels=True)
-        pairs.append((source, detections_from_json(job.result["detections"])))  # type: ignore[index]
+        pairs.append((source, result.detections))
     return pairs, left_out
-
-
-def _destinations_for(settings: Settings, kind: str) -> list[str]:
-    return [d.name for d in settings.destinations if kind in settings.destination_kinds(d)]
 
 
 def report_study(
@@ -152,20 +157,21 @@ def report_study(
     due: StudyDue,
     *,
     now: dt.datetime | None = None,
-) -> list[dict[str, str]]:
+) -> list[ResultObject]:
     """Make, store and queue the study-level objects of one due study; mark it reported.
 
     Returns
     -------
-    list of dict
-        The objects made: ``{"kind", "path", "sop_class_uid", "sop_instance_uid"}``.
+    list of ResultObject
+        The objects made.
     """
     from node.reports.cad_sr import build_cad_sr
     from node.reports.tid1500 import build_tid1500_sr
 
     uid = due.study_instance_uid
     jobs = database.study_jobs(uid)
-    pairs, left_out = _study_pairs(store, jobs)
+    results = _results_of(jobs)
+    pairs, left_out = _study_pairs(store, jobs, results)
     for job in left_out:
         logger.warning(
             "study %s: image %s (job %d, %s) is not in the report",
@@ -174,8 +180,8 @@ def report_study(
             job.job_id,
             job.state,
         )
-    made: list[dict[str, str]] = []
-    provenance = _provenance_of(jobs)
+    made: list[ResultObject] = []
+    provenance = _provenance_of(jobs, results)
     if not pairs or provenance is None:
         logger.error(
             "study %s: no image was processed successfully (%d failed); no report made",
@@ -209,38 +215,16 @@ def report_study(
             stored = store.write_atomic(
                 store.result_path(uid, f"{kind}-{sop_uid}.dcm"), encode_dataset(ds)
             )
-            made.append(
-                {
-                    "kind": kind,
-                    "path": stored.relpath,
-                    "sop_class_uid": str(ds.SOPClassUID),
-                    "sop_instance_uid": sop_uid,
-                }
-            )
+            made.append(ResultObject.of(ds, kind=kind, path=stored.relpath))
             logger.info("study %s: %s %s version %d", uid, kind, sop_uid, due.version)
         if errors and not made:
             # Nothing could be built: leave the study open (retried with back-off).
             raise next(iter(errors.values()))
-    # Per-image objects of done jobs, again: add_send is idempotent, and this covers a
+    # Per-image objects of done jobs, again: queueing is idempotent, and this covers a
     # worker that died between completing its job and queueing its sends.
-    objects = list(made)
-    for job in jobs:
-        if job.state == "done":
-            objects += [o for o in (job.result or {}).get("objects", []) if isinstance(o, dict)]
+    objects = made + [obj for result in results.values() for obj in result.objects]
     when = _now(now)
-    queued = 0
-    for obj in objects:
-        for dest in _destinations_for(settings, obj["kind"]):
-            database.add_send(
-                destination=dest,
-                object_path=obj["path"],
-                sop_class_uid=obj["sop_class_uid"],
-                sop_instance_uid=obj["sop_instance_uid"],
-                study_instance_uid=uid,
-                kind=obj["kind"],
-                now=when,
-            )
-            queued += 1
+    queued = queue_sends(database, settings, uid, objects, now=when)
     database.mark_study_reported(uid, due.version, generation=due.generation, now=when)
     logger.info(
         "study %s: report version %d, %d image(s), %d object(s) made, %d send(s) ensured",
@@ -356,12 +340,12 @@ def purge_retention(
 
 
 class NodeScheduler:
-    """The periodic jobs on an APScheduler ``BackgroundScheduler`` (one per node).
+    """The periodic tasks on an APScheduler ``BackgroundScheduler`` (one per node).
 
     Parameters
     ----------
     database, store, settings
-        What the jobs work on; intervals from ``settings.scheduler``.
+        What the tasks work on; intervals from ``settings.scheduler``.
     """
 
     def __init__(self, database: Database, store: FileStore, settings: Settings) -> None:
@@ -382,7 +366,7 @@ class NodeScheduler:
             self.wake("sends")  # results out now, not at the next send check
         return reported
 
-    def _jobs(self) -> list[tuple[str, Callable[[], object], float]]:
+    def _tasks(self) -> list[tuple[str, Callable[[], object], float]]:
         s = self.settings
         return [
             (
@@ -408,7 +392,7 @@ class NodeScheduler:
         ]
 
     def start(self) -> None:
-        """Start the background thread; the first run of every job is immediate."""
+        """Start the background thread; the first run of every task is immediate."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
         with self._lock:
@@ -416,7 +400,7 @@ class NodeScheduler:
                 raise RuntimeError("the scheduler is already started")
             scheduler = BackgroundScheduler(timezone=dt.UTC)
             start = dt.datetime.now(dt.UTC)
-            for name, func, seconds in self._jobs():
+            for name, func, seconds in self._tasks():
                 scheduler.add_job(
                     _guarded(name, func),
                     "interval",
@@ -444,13 +428,13 @@ class NodeScheduler:
         )
 
     def wake(self, name: str) -> None:
-        """Run a job now (e.g. ``"sends"`` after a study was reported)."""
+        """Run a task now (e.g. ``"sends"`` after a study was reported)."""
         with self._lock:
             if self._scheduler is not None:
                 self._scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
 
     def stop(self, *, wait: bool = True) -> None:
-        """Stop the scheduler; with ``wait`` the running jobs finish first."""
+        """Stop the scheduler; with ``wait`` the running tasks finish first."""
         with self._lock:
             scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
@@ -463,7 +447,7 @@ def _guarded(name: str, func: Callable[[], object]) -> Callable[[], None]:
         try:
             func()
         except Exception:  # the functions catch their own; this is the last line
-            logger.exception("scheduled job %s failed", name)
+            logger.exception("scheduled task %s failed", name)
 
     run.__name__ = f"calcnode_{name.replace('-', '_')}"
     return run

@@ -7,9 +7,10 @@ One job = one received SOP Instance. Per job the worker
    them in the job's result too (the scheduler builds the study's SRs from there);
 3. builds the per-image objects enabled in ``outputs.kinds`` — a SEG (only when there
    is a finding) and a GSPS — and writes them into the file store atomically;
-4. marks the job done (:meth:`Database.complete`) with a result that lists every
-   produced object, and only then
-5. queues a send per destination and kind (:meth:`Database.add_send`).
+4. marks the job done (:meth:`Database.complete`) with its
+   :class:`~node.results.JobResult` (detections, provenance, every produced object and
+   file), and only then
+5. queues a send per destination and kind (:func:`node.results.queue_sends`).
 
 Completing before queueing the sends means a worker that loses its lease (it hung and
 another worker took the job over) never sends anything: ``complete`` raises
@@ -24,8 +25,8 @@ gives the job to another worker.
 
 A per-image object whose builder raises is left out (logged at ERROR, recorded in the
 job result's ``build_errors``): the detections, the other objects and the study's SRs
-still go out. Failures: :class:`~cascade.errors.InvalidImageError` (or a file that is not DICOM at
-all) cannot go away — the job fails without retry, the error kept. Anything else is
+still go out. Failures: :class:`~cascade.errors.InvalidImageError` (or a file that is
+not DICOM at all) cannot go away — the job fails without retry, the error kept. Anything else is
 retried with the queue's back-off up to ``worker.max_attempts``.
 
 Coordinates: detections are in the received image's pixel grid, x = column, y = row,
@@ -38,8 +39,6 @@ Logs carry job ids and UIDs only, never patient data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import os
@@ -47,10 +46,8 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -58,339 +55,24 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from cascade.errors import InvalidImageError
-from cascade.inference.detector import (
-    BUNDLED_WEIGHTS,
-    Detection,
-    ImageDetections,
-    OperatingPoint,
-    resolve_operating_point,
-)
-from node import __version__, sdnotify
-from node.errors import ConfigError
+from cascade.inference.detector import ImageDetections
+from node import sdnotify
+from node.identity import provenance_for, series_uid_for
+from node.model import DetectorFactory, DetectorLike, load_detector
 from node.reports.common import Provenance
+from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
+from node.stores import open_storage
 from storage.errors import LeaseLostError, StorageError
 from storage.filestore import FileStore
-from storage.queue import ClaimedJob, Database, QueuePolicy, open_database
+from storage.queue import ClaimedJob, Database
 
-__all__ = [
-    "ALGORITHM_NAME",
-    "PER_IMAGE_KINDS",
-    "DetectorFactory",
-    "DetectorLike",
-    "ModelFiles",
-    "Worker",
-    "derived_uid",
-    "detections_from_json",
-    "device_uid_for",
-    "encode_dataset",
-    "load_detector",
-    "make_provenance",
-    "model_files",
-    "open_storage",
-    "queue_policy",
-    "run_worker",
-    "series_uid_for",
-    "with_operating_point",
-]
+__all__ = ["PER_IMAGE_KINDS", "Worker", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
-#: Algorithm Name (TID 4019) of every result object.
-ALGORITHM_NAME = "calcnode uC cascade"
 #: Output kinds the worker makes per image; the study-level SRs are the scheduler's.
 PER_IMAGE_KINDS: tuple[str, ...] = ("seg", "gsps")
-
-
-class DetectorLike(Protocol):
-    """What the worker needs of a detector (:class:`cascade.inference.detector.Detector`)."""
-
-    @property
-    def model_version(self) -> str: ...
-
-    def detect(self, source: Any, *, path: str = "") -> ImageDetections: ...
-
-
-#: Builds the detector in the worker process: ``factory(settings, device)``. Tests pass
-#: one (a slow or failing detector); the default is :func:`load_detector`.
-DetectorFactory = Callable[[Settings, str | None], DetectorLike]
-
-
-# --------------------------------------------------------------------------- identity
-def derived_uid(*parts: str) -> str:
-    """A stable UID under the ``2.25`` root from the first 128 bits of a SHA-256.
-
-    The same ``parts`` always give the same UID (≤ 44 characters), e.g. one series per
-    study and output kind, so every version of a report lands in the same series.
-    """
-    if not parts or not all(isinstance(p, str) for p in parts):
-        raise TypeError("parts must be one or more str")
-    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
-    return "2.25." + str(int.from_bytes(digest[:16], "big"))
-
-
-def device_uid_for(model_sha256: str) -> str:
-    """The Device UID of a trained model: ``2.25.`` + the int of its sha256's first 128 bits.
-
-    Parameters
-    ----------
-    model_sha256 : str
-        64 hex digits identifying the model's weights.
-
-    Raises
-    ------
-    ValueError
-        ``model_sha256`` is not 64 hex digits.
-    """
-    if not isinstance(model_sha256, str) or len(model_sha256) != 64:
-        raise ValueError(f"model_sha256 must be 64 hex digits, got {model_sha256!r}")
-    try:
-        value = int(model_sha256[:32], 16)
-    except ValueError:
-        raise ValueError(f"model_sha256 must be 64 hex digits, got {model_sha256!r}") from None
-    return f"2.25.{value}"
-
-
-def series_uid_for(study_instance_uid: str, kind: str) -> str:
-    """The Series Instance UID of one output kind in one study (stable across versions)."""
-    return derived_uid("calcnode-series", study_instance_uid, kind)
-
-
-def with_operating_point(
-    model_version: str, model_sha256: str, op: OperatingPoint | None
-) -> tuple[str, str]:
-    """The model's identity including what it reports.
-
-    The same checkpoints at another operating point send other findings, so the
-    operating point (thresholds and cap, not its descriptive ``calibration``) becomes
-    part of the model version (``"<version> op <8 hex>"``) and of the sha256 the Device
-    UID derives from. Without an operating point both are returned unchanged.
-    """
-    if op is None:
-        return model_version, model_sha256
-    point = {k: v for k, v in op.to_json().items() if k != "calibration"}
-    tag = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()
-    combined = hashlib.sha256(f"{model_sha256}:{tag}".encode()).hexdigest()
-    return f"{model_version} op {tag[:8]}", combined
-
-
-def make_provenance(*, model_version: str, model_sha256: str) -> Provenance:
-    """The :class:`Provenance` of objects made by the given model with this calcnode."""
-    return Provenance(
-        algorithm_name=ALGORITHM_NAME,
-        algorithm_version=__version__,
-        model_version=model_version[:64] or model_sha256[:12],
-        device_uid=device_uid_for(model_sha256),
-    )
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """The checkpoint files the node runs and their combined identity.
-
-    Attributes
-    ----------
-    asn : Path
-        ASN checkpoint.
-    fpr : Path or None
-        FPR checkpoint (None: ASN proposals alone).
-    sha256 : str
-        SHA-256 of the ASN file, or of ``"<asn sha256>:<fpr sha256>"`` with an FPR:
-        changes with every trained model.
-    bundled : bool
-        Whether these are the weights shipped with calcnode.
-    """
-
-    asn: Path
-    fpr: Path | None
-    sha256: str
-    bundled: bool
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_files(settings: Settings) -> ModelFiles:
-    """Resolve the model the node runs.
-
-    ``model.path`` names the ASN checkpoint; an ``fpr.pt`` in the same folder is its
-    FPR stage. Empty ``model.path`` means the bundled weights (``cascade/weights/asn.pt``
-    and ``fpr.pt``).
-
-    Raises
-    ------
-    ConfigError
-        No checkpoint where one is expected; the message names ``model.path``.
-    """
-    if settings.model.path is not None:
-        asn = Path(settings.model.path)
-        bundled = False
-        if not asn.is_file():
-            raise ConfigError(f"model.path: no such checkpoint file {asn}")
-    else:
-        asn = BUNDLED_WEIGHTS / "asn.pt"
-        bundled = True
-        if not asn.is_file():
-            raise ConfigError(
-                f"model.path: empty (use the bundled weights), but this installation has no "
-                f"bundled weights at {asn}; train a model (calcnode train asn/fpr) and set "
-                f"model.path to its ASN checkpoint"
-            )
-    fpr_candidate = asn.parent / "fpr.pt"
-    fpr = fpr_candidate if fpr_candidate.is_file() and fpr_candidate != asn else None
-    digest = _file_sha256(asn)
-    if fpr is not None:
-        digest = hashlib.sha256(f"{digest}:{_file_sha256(fpr)}".encode()).hexdigest()
-    return ModelFiles(asn=asn, fpr=fpr, sha256=digest, bundled=bundled)
-
-
-def load_detector(settings: Settings, device: str | None = None) -> DetectorLike:
-    """Load the configured detector once (the default :data:`DetectorFactory`).
-
-    Parameters
-    ----------
-    settings : Settings
-        ``model.path``, ``model.device``, ``model.torch_threads``; what it reports:
-        ``model.operating_point`` and ``model.max_findings`` (:func:`operating_point`).
-    device : str or None
-        Overrides ``model.device`` (``calcnode worker --device cuda:0``).
-
-    Raises
-    ------
-    ConfigError
-        No checkpoint (see :func:`model_files`).
-    CheckpointError
-        The checkpoint cannot be loaded.
-    """
-    import torch
-
-    from cascade.inference.detector import Detector
-
-    files = model_files(settings)
-    if settings.model.torch_threads > 0:
-        torch.set_num_threads(settings.model.torch_threads)
-    return Detector(
-        files.asn,
-        files.fpr,
-        device=device or settings.model.device,
-        operating_point=operating_point(settings, files),
-    )
-
-
-def operating_point(settings: Settings, files: ModelFiles) -> OperatingPoint:
-    """What the node reports: ``model.operating_point`` and ``model.max_findings``.
-
-    Parameters
-    ----------
-    settings : Settings
-        ``model.operating_point`` (``calibrated`` or ``all``) and ``model.max_findings``.
-    files : ModelFiles
-        The checkpoints the detector loads.
-
-    Returns
-    -------
-    OperatingPoint
-        ``calibrated``: the point stored in ``weights.json`` beside the ASN checkpoint
-        when it was calibrated on these checkpoints, else the FPR's decision alone
-        (probability ≥ 0.5), with a warning (:func:`cascade.inference.detector.resolve_operating_point`);
-        ``all``: every candidate. ``max_findings`` then caps it (the smaller of the two
-        limits when the stored point has one too).
-
-    Raises
-    ------
-    CheckpointError
-        ``weights.json`` holds an unusable operating point.
-    """
-    if settings.model.operating_point == "all":
-        op = OperatingPoint(fpr_threshold=0.0, min_score=0.0)
-    else:
-        op = resolve_operating_point(files.asn, files.fpr)
-    limit = settings.model.max_findings
-    if limit:
-        op = dataclasses.replace(
-            op, max_detections=min(limit, op.max_detections) if op.max_detections else limit
-        )
-    logger.info(
-        "operating point (%s): FPR probability ≥ %g, final score ≥ %.4g, at most %s findings "
-        "per image",
-        settings.model.operating_point,
-        op.fpr_threshold,
-        op.min_score,
-        op.max_detections or "any number of",
-    )
-    return op
-
-
-# --------------------------------------------------------------------------- storage
-def queue_policy(settings: Settings) -> QueuePolicy:
-    """The queue's retry policy from ``worker`` and ``send`` settings."""
-    # QueuePolicy wants strictly positive delays; a configured 0 means "at once".
-    tiny = 0.001
-    job_base = max(settings.worker.retry_backoff_seconds, tiny)
-    send_base = max(settings.send.retry_initial_seconds, tiny)
-    return QueuePolicy(
-        max_attempts=settings.worker.max_attempts,
-        retry_base_seconds=job_base,
-        retry_cap_seconds=max(job_base, 3600.0),
-        send_retry_base_seconds=send_base,
-        send_retry_cap_seconds=max(settings.send.retry_max_seconds, send_base),
-        send_max_attempts=settings.send.max_attempts,
-    )
-
-
-def open_storage(settings: Settings) -> tuple[Database, FileStore]:
-    """Open (creating or migrating) the database and the file store of ``storage``."""
-    store = FileStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb)
-    database = open_database(settings.storage.database_url, policy=queue_policy(settings))
-    return database, store
-
-
-def encode_dataset(ds: Dataset) -> bytes:
-    """A dataset as DICOM Part 10 bytes (file meta required)."""
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------- detections
-def detections_from_json(data: Mapping[str, Any]) -> ImageDetections:
-    """Rebuild :class:`ImageDetections` from :meth:`ImageDetections.to_json` (no masks).
-
-    Raises
-    ------
-    ValueError
-        A missing or invalid field; the message names it.
-    """
-    try:
-        dets = tuple(
-            Detection(
-                x=float(d["x"]),
-                y=float(d["y"]),
-                score=float(d["score"]),
-                asn_score=float(d["asn_score"]),
-                fpr_score=float(d["fpr_score"]),
-                radius_px=float(d["radius_px"]),
-            )
-            for d in data["detections"]
-        )
-        spacing = tuple(float(s) for s in data["pixel_spacing_mm"])
-        return ImageDetections(
-            sop_instance_uid=str(data["sop_instance_uid"]),
-            path=str(data.get("path", "")),
-            rows=int(data["rows"]),
-            columns=int(data["columns"]),
-            pixel_spacing_mm=(spacing[0], spacing[1]),
-            detections=dets,
-        )
-    except KeyError as exc:
-        raise ValueError(f"detections JSON lacks {exc.args[0]!r}") from None
-    except (TypeError, IndexError) as exc:
-        raise ValueError(f"detections JSON is malformed: {exc}") from None
 
 
 # --------------------------------------------------------------------------- heartbeat
@@ -478,15 +160,14 @@ class Worker:
         self.jobs_done = 0
 
     # -- one job -----------------------------------------------------------------
-    def process(self, job: ClaimedJob) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    def process(self, job: ClaimedJob) -> JobResult:
         """Run the detector on a claimed job and write its files (no database change).
 
         Returns
         -------
-        (result, objects)
-            ``result`` for :meth:`Database.complete` (detections, provenance, produced
-            ``paths``); ``objects`` the DICOM objects to send, each ``{"kind", "path",
-            "sop_class_uid", "sop_instance_uid"}``.
+        JobResult
+            For :meth:`Database.complete` (as JSON): detections, provenance, the objects
+            to send and every file written.
 
         Raises
         ------
@@ -508,16 +189,15 @@ class Worker:
             job.sop_instance_uid,
             seconds,
         )
+        detections = dataclasses.replace(detections, path=job.path)
         study = job.study_instance_uid
         written: list[str] = []
-        objects: list[dict[str, str]] = []
+        objects: list[ResultObject] = []
         build_errors: dict[str, str] = {}
         try:
-            det_json = detections.to_json()
-            det_json["path"] = job.path
             stored = self.store.write_atomic(
                 self.store.result_path(study, f"{job.sop_instance_uid}.detections.json"),
-                json.dumps(det_json, indent=1).encode("utf-8"),
+                json.dumps(detections.to_json(), indent=1).encode("utf-8"),
             )
             written.append(stored.relpath)
             for kind in PER_IMAGE_KINDS:
@@ -545,14 +225,7 @@ class Worker:
                     self.store.result_path(study, f"{kind}-{sop_uid}.dcm"), encode_dataset(ds)
                 )
                 written.append(stored.relpath)
-                objects.append(
-                    {
-                        "kind": kind,
-                        "path": stored.relpath,
-                        "sop_class_uid": str(ds.SOPClassUID),
-                        "sop_instance_uid": sop_uid,
-                    }
-                )
+                objects.append(ResultObject.of(ds, kind=kind, path=stored.relpath))
                 logger.info(
                     "job %d: %s %s for SOP Instance %s",
                     job.job_id,
@@ -563,22 +236,15 @@ class Worker:
         except BaseException:
             self._remove(written)
             raise
-        result = {
-            "detections": det_json,
-            "detection_count": len(detections.detections),
-            "seconds": round(seconds, 3),
-            "provenance": {
-                "algorithm_name": self.provenance.algorithm_name,
-                "algorithm_version": self.provenance.algorithm_version,
-                "model_version": self.provenance.model_version,
-                "device_uid": self.provenance.device_uid,
-            },
-            "worker": self.worker_id,
-            "objects": objects,
-            "build_errors": build_errors,
-            "paths": written,
-        }
-        return result, objects
+        return JobResult(
+            detections=detections,
+            seconds=seconds,
+            provenance=self.provenance,
+            worker=self.worker_id,
+            objects=tuple(objects),
+            build_errors=build_errors,
+            paths=tuple(written),
+        )
 
     def _build(
         self, kind: str, source: Dataset, detections: ImageDetections, job: ClaimedJob
@@ -610,25 +276,6 @@ class Worker:
             except (OSError, ValueError):
                 logger.exception("could not remove %s", rel)
 
-    def queue_sends(self, study_instance_uid: str, objects: list[dict[str, str]]) -> int:
-        """Queue every object for each destination that takes its kind; returns how many."""
-        count = 0
-        for dest in self.settings.destinations:
-            kinds = self.settings.destination_kinds(dest)
-            for obj in objects:
-                if obj["kind"] not in kinds:
-                    continue
-                self.database.add_send(
-                    destination=dest.name,
-                    object_path=obj["path"],
-                    sop_class_uid=obj["sop_class_uid"],
-                    sop_instance_uid=obj["sop_instance_uid"],
-                    study_instance_uid=study_instance_uid,
-                    kind=obj["kind"],
-                )
-                count += 1
-        return count
-
     def handle(self, job: ClaimedJob) -> str:
         """Process one claimed job and record the outcome; returns the job's new state.
 
@@ -638,7 +285,7 @@ class Worker:
         lease = self.settings.worker.lease_seconds
         try:
             with _Heartbeat(self.database, job.job_id, self.worker_id, lease_seconds=lease):
-                result, objects = self.process(job)
+                result = self.process(job)
         except InvalidImageError as exc:
             logger.warning("job %d: not a usable mammogram: %s", job.job_id, exc)
             return self._fail(job, f"InvalidImageError: {exc}", retry=False)
@@ -647,14 +294,16 @@ class Worker:
             text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-6:])
             return self._fail(job, text, retry=True)
         try:
-            self.database.complete(job.job_id, self.worker_id, result=result)
+            self.database.complete(job.job_id, self.worker_id, result=result.to_json())
         except LeaseLostError:
             logger.warning("job %d: lease lost before completion; result discarded", job.job_id)
-            self._remove(list(result["paths"]))
+            self._remove(list(result.paths))
             return "lost"
         self.jobs_done += 1
         try:
-            queued = self.queue_sends(job.study_instance_uid, objects)
+            queued = queue_sends(
+                self.database, self.settings, job.study_instance_uid, result.objects
+            )
         except StorageError:
             # The job is done; the scheduler queues its sends at study completion.
             logger.exception("job %d: could not queue sends now", job.job_id)
@@ -716,7 +365,6 @@ def run_worker(
     stop_event: threading.Event | Any | None = None,
     max_jobs: int | None = None,
     detector_factory: DetectorFactory | None = None,
-    model_sha256: str | None = None,
 ) -> int:
     """Load the model once, then claim → process → complete/fail until stopped (blocking).
 
@@ -736,10 +384,9 @@ def run_worker(
     max_jobs : int or None
         Stop after this many jobs (tests, batch runs).
     detector_factory : callable, optional
-        ``factory(settings, device)`` → detector; :func:`load_detector` when None.
-    model_sha256 : str or None
-        Identity of the model for the Device UID; the checkpoint files' (see
-        :func:`model_files`) when None, or a hash of the factory's ``model_version``.
+        ``factory(settings, device)`` → detector; :func:`node.model.load_detector` when
+        None. The detector's ``identity`` (weights and operating point) gives the
+        objects' provenance and Device UID.
 
     Returns
     -------
@@ -755,23 +402,13 @@ def run_worker(
         raise ValueError(f"max_jobs must be a positive int or None, got {max_jobs!r}")
     worker_id = worker_id or _default_worker_id()
     factory = detector_factory or load_detector
-    if model_sha256 is None and detector_factory is None:
-        model_sha256 = model_files(settings).sha256
     started = time.monotonic()
     detector = factory(settings, device)
-    model_version = str(getattr(detector, "model_version", "") or "")
-    if model_sha256 is None:
-        model_sha256 = hashlib.sha256(f"model:{model_version}".encode()).hexdigest()
-    if not model_version or model_version == "unknown":
-        model_version = model_sha256[:12]
-    model_version, model_sha256 = with_operating_point(
-        model_version, model_sha256, getattr(detector, "operating_point", None)
-    )
-    provenance = make_provenance(model_version=model_version, model_sha256=model_sha256)
+    provenance = provenance_for(detector.identity)
     logger.info(
         "worker %s: model %s loaded in %.1f s (device UID %s)",
         worker_id,
-        model_version,
+        provenance.model_version,
         time.monotonic() - started,
         provenance.device_uid,
     )

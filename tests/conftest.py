@@ -7,6 +7,7 @@ Everything binds to 127.0.0.1 on free ports and lives under pytest's tmp folders
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +26,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.weights import ModelIdentity
+from node.identity import make_provenance
 from node.settings import (
     DestinationSettings,
     LoggingSettings,
@@ -38,7 +41,8 @@ from node.settings import (
     StudySettings,
     WorkerSettings,
 )
-from node.worker import Worker, make_provenance, open_storage
+from node.stores import open_storage
+from node.worker import Worker
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 
@@ -138,7 +142,7 @@ def receive(
     now: dt.datetime | None = None,
 ) -> int:
     """Store ``ds`` and queue its job as the SCP would; returns the job id."""
-    from node.worker import encode_dataset
+    from node.results import encode_dataset
 
     rel = store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     stored = store.write_atomic(rel, encode_dataset(ds))
@@ -175,8 +179,10 @@ class FakeDetector:
         self.calls = 0
 
     @property
-    def model_version(self) -> str:
-        return "fake-1"
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(
+            version="fake-1", sha256=hashlib.sha256(b"model:fake-1").hexdigest()
+        )
 
     def detect(self, source: Any, *, path: str = "") -> ImageDetections:
         self.calls += 1
@@ -387,7 +393,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Any]:
             server.stop()
 
 
-#: Loggers whose levels the node sets when it starts (node.service.configure_logging).
+#: Loggers whose levels the node sets when it starts (node.logs.configure_logging).
 _NODE_LOGGERS = ("", "node", "storage", "cascade", "pynetdicom", "highdicom", "apscheduler")
 
 

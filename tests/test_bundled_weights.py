@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.inference.detector import BUNDLED_WEIGHTS, Detector, OperatingPoint
+from cascade.inference.detector import Detector
+from cascade.inference.weights import BUNDLED_WEIGHTS, ModelWeights
 from cascade.models.checkpoint import checkpoint_sha256, describe_checkpoint
 from cascade.synthesis import generate_dataset
 
@@ -36,7 +37,7 @@ def test_bundled_weights_say_they_are_not_for_clinical_use() -> None:
 
 def test_bundled_weights_carry_an_operating_point_calibrated_on_themselves() -> None:
     # A re-export without `calcnode train calibrate` would leave a stale point behind.
-    op = OperatingPoint.for_checkpoints(BUNDLED_WEIGHTS / "asn.pt", BUNDLED_WEIGHTS / "fpr.pt")
+    op = ModelWeights.bundled_weights().stored_operating_point()
     assert op is not None
     assert op.fpr_threshold == 0.5
     assert op.calibration["target_fp_per_image"] == 1.0

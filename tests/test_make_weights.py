@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.inference.detector import Detector, OperatingPoint
+from cascade.inference.detector import Detector
+from cascade.inference.weights import ModelWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def test_make_weights_writes_a_weights_folder_the_detector_loads(tmp_path: Path)
     assert "not for clinical use" in record["intended_use"].lower()
     assert record["models"]["fpr"]["model_config"]["input_norm"] == "crop"
     # the last step calibrates the operating point on the validation phantoms
-    op = OperatingPoint.for_checkpoints(out / "asn.pt", out / "fpr.pt")
+    op = ModelWeights.at(out / "asn.pt", out / "fpr.pt").stored_operating_point()
     assert op is not None
     assert op.calibration["images"] == 2
     assert op.calibration["manifest"].endswith("val/manifest.jsonl")

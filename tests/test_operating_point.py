@@ -3,7 +3,7 @@
 Covers :class:`cascade.inference.detector.OperatingPoint` (validation, ``keeps``, JSON, the
 ``weights.json`` entry), :func:`cascade.inference.detector.calibrate_operating_point` on hand-built
 detections with hand-computed FROC values, the ``[model] operating_point`` /
-``max_findings`` settings, :func:`node.worker.operating_point`, and (slow) a tiny trained
+``max_findings`` settings, :func:`node.model.operating_point`, and (slow) a tiny trained
 cascade calibrated through ``calcnode train calibrate`` and used by ``calcnode detect``.
 
 Coordinates: points are ``(x = column, y = row)``, 0-based, the first pixel's centre at
@@ -27,18 +27,13 @@ import pytest
 from conftest import make_settings, write_tiny_model
 
 from cascade.errors import CheckpointError
-from cascade.inference.detector import (
-    BUNDLED_WEIGHTS,
-    Detection,
-    Detector,
-    ImageDetections,
-    OperatingPoint,
-    calibrate_operating_point,
-)
+from cascade.evaluation.operating_point import OperatingPoint, calibrate_operating_point
+from cascade.inference.detector import Detection, Detector, ImageDetections
+from cascade.inference.weights import BUNDLED_WEIGHTS, read_operating_point
 from cascade.models.checkpoint import checkpoint_sha256
 from node.errors import ConfigError
+from node.model import load_detector, model_weights, operating_point
 from node.settings import ModelSettings, Settings, load_settings
-from node.worker import load_detector, model_files, operating_point
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "calcnode.toml"
@@ -209,15 +204,15 @@ def test_from_json_validates_the_values() -> None:
 
 
 def test_for_weights_of_a_folder_without_weights_json_is_none(tmp_path: Path) -> None:
-    assert OperatingPoint.for_weights(tmp_path) is None
-    assert OperatingPoint.for_weights(tmp_path / "does-not-exist") is None
+    assert read_operating_point(tmp_path) is None
+    assert read_operating_point(tmp_path / "does-not-exist") is None
 
 
 def test_for_weights_without_an_operating_point_entry_is_none(tmp_path: Path) -> None:
     _weights_json(tmp_path)
-    assert OperatingPoint.for_weights(tmp_path) is None
+    assert read_operating_point(tmp_path) is None
     (tmp_path / "weights.json").write_text('{"operating_point": null}', encoding="utf-8")
-    assert OperatingPoint.for_weights(str(tmp_path)) is None
+    assert read_operating_point(str(tmp_path)) is None
 
 
 def test_for_weights_reads_the_stored_operating_point(tmp_path: Path) -> None:
@@ -225,7 +220,7 @@ def test_for_weights_reads_the_stored_operating_point(tmp_path: Path) -> None:
         fpr_threshold=0.7, min_score=0.125, max_detections=5, calibration={"recall": 0.5}
     )
     _weights_json(tmp_path, stored.to_json())
-    op = OperatingPoint.for_weights(tmp_path)
+    op = read_operating_point(tmp_path)
     assert op == stored
     assert op is not None and op.calibration == {"recall": 0.5}
 
@@ -247,7 +242,7 @@ def test_for_weights_with_a_bad_operating_point_raises_checkpoint_error_naming_t
 ) -> None:
     path = _weights_json(tmp_path, entry)
     with pytest.raises(CheckpointError, match=problem) as info:
-        OperatingPoint.for_weights(tmp_path)
+        read_operating_point(tmp_path)
     assert str(path) in str(info.value)
 
 
@@ -258,7 +253,7 @@ def test_for_weights_with_an_unreadable_weights_json_raises_checkpoint_error(
     path = tmp_path / "weights.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(CheckpointError) as info:
-        OperatingPoint.for_weights(tmp_path)
+        read_operating_point(tmp_path)
     assert str(path) in str(info.value)
 
 
@@ -275,7 +270,7 @@ def bundled_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("asn.pt", "fpr.pt"):
         assert (BUNDLED_WEIGHTS / name).is_file(), f"no bundled {name}"
         (folder / name).symlink_to(BUNDLED_WEIGHTS / name)
-    monkeypatch.setattr("cascade.inference.detector.BUNDLED_WEIGHTS", folder)
+    monkeypatch.setattr("cascade.inference.weights.BUNDLED_WEIGHTS", folder)
     return folder
 
 
@@ -573,7 +568,7 @@ def test_train_calibrate_passes_its_options_through(
     manifest = _hand_manifest(tmp_path)
     extra = ("--target-fp", "1", "--fpr-threshold", "0.65", "--max-detections", "3")
     assert main(_calibrate_args(model_dir, manifest, *extra)) == 0
-    op = OperatingPoint.for_weights(model_dir)
+    op = read_operating_point(model_dir)
     assert op == OperatingPoint(fpr_threshold=0.65, min_score=0.4, max_detections=3)
     assert op is not None and op.calibration["fp_per_image"] == 1.0
 
@@ -750,7 +745,7 @@ def _settings(root: Path, model_dir: Path, **model: Any) -> Settings:
 def test_all_candidates_setting_reports_every_candidate(tmp_path: Path, model_dir: Path) -> None:
     _weights_json(model_dir, OperatingPoint(fpr_threshold=0.9, min_score=3.0).to_json())
     settings = _settings(tmp_path, model_dir, operating_point="all")
-    op = operating_point(settings, model_files(settings))
+    op = operating_point(settings, model_weights(settings))
     assert (op.fpr_threshold, op.min_score, op.max_detections) == (0.0, 0.0, 0)
 
 
@@ -763,7 +758,7 @@ def test_calibrated_setting_takes_the_operating_point_of_weights_json(
     _weights_json(model_dir, stored.to_json())
     settings = _settings(tmp_path, model_dir)
     with caplog.at_level(logging.WARNING, logger="node.worker"):
-        op = operating_point(settings, model_files(settings))
+        op = operating_point(settings, model_weights(settings))
     assert op == stored
     assert op.calibration["recall"] == 0.5
     assert not caplog.records
@@ -777,7 +772,7 @@ def test_calibrated_setting_ignores_a_point_calibrated_on_other_checkpoints(
     _weights_json(model_dir, stored.to_json(), stamp=False)
     settings = _settings(tmp_path, model_dir)
     with caplog.at_level(logging.WARNING):
-        op = operating_point(settings, model_files(settings))
+        op = operating_point(settings, model_weights(settings))
     assert op == OperatingPoint()
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("calibrated on other checkpoints" in m for m in messages)
@@ -791,7 +786,7 @@ def test_calibrated_setting_without_a_stored_operating_point_warns_and_uses_the_
         _weights_json(model_dir)  # export_weights output before calibration
     settings = _settings(tmp_path, model_dir)
     with caplog.at_level(logging.WARNING, logger="node.worker"):
-        op = operating_point(settings, model_files(settings))
+        op = operating_point(settings, model_weights(settings))
     assert op == OperatingPoint()
     assert (op.fpr_threshold, op.min_score, op.max_detections) == (0.5, 0.0, 0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -806,7 +801,7 @@ def test_calibrated_setting_with_a_bad_stored_operating_point_raises(
     path = _weights_json(model_dir, {"fpr_threshold": 2.0})
     settings = _settings(tmp_path, model_dir)
     with pytest.raises(CheckpointError) as info:
-        operating_point(settings, model_files(settings))
+        operating_point(settings, model_weights(settings))
     assert str(path) in str(info.value)
 
 
@@ -827,7 +822,7 @@ def test_max_findings_caps_the_stored_max_detections(
     stored = OperatingPoint(fpr_threshold=0.6, min_score=0.5, max_detections=stored_max)
     _weights_json(model_dir, stored.to_json())
     settings = _settings(tmp_path, model_dir, max_findings=max_findings)
-    op = operating_point(settings, model_files(settings))
+    op = operating_point(settings, model_weights(settings))
     assert op.max_detections == expected
     assert (op.fpr_threshold, op.min_score) == (0.6, 0.5)  # the thresholds are untouched
 
@@ -835,7 +830,7 @@ def test_max_findings_caps_the_stored_max_detections(
 @pytest.mark.parametrize("mode", ["all", "calibrated"])
 def test_max_findings_caps_every_mode(tmp_path: Path, model_dir: Path, mode: str) -> None:
     settings = _settings(tmp_path, model_dir, operating_point=mode, max_findings=7)
-    op = operating_point(settings, model_files(settings))
+    op = operating_point(settings, model_weights(settings))
     assert op.max_detections == 7
 
 
@@ -871,12 +866,12 @@ def exported_weights(
     asn_run: Path, fpr_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """``calcnode train export`` output of the tiny trained cascade (no operating point)."""
-    from cascade.training import export_weights
+    from cascade.inference.weights import export_weights
 
     folder = export_weights(
         asn=asn_run / "best.pt", fpr=fpr_run / "best.pt", out=tmp_path_factory.mktemp("op-w")
     )
-    assert OperatingPoint.for_weights(folder) is None
+    assert read_operating_point(folder) is None
     return folder
 
 
@@ -941,7 +936,7 @@ def test_train_calibrate_stores_an_operating_point_within_the_target(
     assert {k: v for k, v in after.items() if k != "operating_point"} == before
     stored = after["operating_point"]
     assert set(stored) == {"fpr_threshold", "min_score", "max_detections", "calibration"}
-    op = OperatingPoint.for_weights(folder)
+    op = read_operating_point(folder)
     assert op is not None
     assert op.fpr_threshold == fpr_threshold
     assert op.max_detections == 0
@@ -969,7 +964,7 @@ def test_calibrated_detector_returns_the_candidates_its_operating_point_keeps(
     from cascade.evaluation.froc import ImageEval, froc
 
     folder, _, _ = calibrated
-    op = OperatingPoint.for_weights(folder)
+    op = read_operating_point(folder)
     assert op is not None
     detector = Detector(folder / "asn.pt", folder / "fpr.pt", device="cpu", operating_point=op)
     n_all = n_kept = 0
@@ -1023,7 +1018,7 @@ def test_detect_command_reports_at_the_operating_point_unless_all_candidates(
     from node.cli import main
 
     folder, _, _ = calibrated
-    op = OperatingPoint.for_weights(folder)
+    op = read_operating_point(folder)
     assert op is not None
     rec, every = next((r, f) for r, f in every_candidate if f.detections)
     model = ["--asn", str(folder / "asn.pt"), "--fpr", str(folder / "fpr.pt"), "--device", "cpu"]
@@ -1064,7 +1059,12 @@ def test_calibration_counts_only_the_top_max_detections_of_each_image() -> None:
 
 
 def test_model_identity_changes_with_the_operating_point_not_its_description() -> None:
-    from node.worker import device_uid_for, with_operating_point
+    from cascade.inference.weights import ModelIdentity
+    from node.identity import device_uid_for
+
+    def with_operating_point(version: str, sha: str, op: OperatingPoint | None) -> tuple[str, str]:
+        ident = ModelIdentity(version=version, sha256=sha).with_operating_point(op)
+        return ident.version, ident.sha256
 
     sha = "ab" * 32
     assert with_operating_point("m1", sha, None) == ("m1", sha)

@@ -11,6 +11,7 @@ import pytest
 from conftest import FakeDetector, Receiver, make_settings, make_worker, receive
 from factories import make_mg_dataset
 
+from node.identity import series_uid_for
 from node.scheduler import (
     NodeScheduler,
     ReportFailures,
@@ -20,7 +21,6 @@ from node.scheduler import (
     send_results,
 )
 from node.settings import DestinationSettings
-from node.worker import series_uid_for
 from storage.models import utcnow
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"

@@ -156,7 +156,7 @@ def test_serve_refuses_a_config_with_an_unknown_key_naming_it(tmp_path: Path) ->
 def test_serve_without_model_weights_raises_config_error_naming_model_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("node.worker.BUNDLED_WEIGHTS", tmp_path / "no-weights")
+    monkeypatch.setattr("cascade.inference.weights.BUNDLED_WEIGHTS", tmp_path / "no-weights")
     settings = make_settings(tmp_path / "node", port=free_port())
     with pytest.raises(ConfigError, match=r"model\.path"):
         serve(settings, workers=1)

@@ -14,18 +14,13 @@ from conftest import FakeDetector, fast_factory, make_settings, make_worker, rec
 from factories import make_mg_dataset
 
 from cascade.errors import InvalidImageError
+from cascade.inference.detector import ImageDetections
 from node.errors import ConfigError
+from node.identity import derived_uid, device_uid_for, make_provenance
+from node.model import model_weights
 from node.settings import DestinationSettings
-from node.worker import (
-    Worker,
-    derived_uid,
-    detections_from_json,
-    device_uid_for,
-    make_provenance,
-    model_files,
-    open_storage,
-    run_worker,
-)
+from node.stores import open_storage
+from node.worker import Worker, run_worker
 from storage.models import utcnow
 
 PACS = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
@@ -62,13 +57,13 @@ def test_derived_uid_is_stable_valid_and_distinct_per_input() -> None:
 def test_model_files_without_bundled_weights_names_model_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("node.worker.BUNDLED_WEIGHTS", tmp_path / "no-weights")
+    monkeypatch.setattr("cascade.inference.weights.BUNDLED_WEIGHTS", tmp_path / "no-weights")
     with pytest.raises(ConfigError, match=r"model\.path"):
-        model_files(make_settings(tmp_path / "node"))
+        model_weights(make_settings(tmp_path / "node"))
 
 
 def test_model_files_pairs_asn_with_the_fpr_beside_it(tiny_model: Path, tmp_path: Path) -> None:
-    files = model_files(make_settings(tmp_path, model_path=tiny_model))
+    files = model_weights(make_settings(tmp_path, model_path=tiny_model))
     assert files.asn == tiny_model
     assert files.fpr == tiny_model.parent / "fpr.pt"
     assert len(files.sha256) == 64 and not files.bundled
@@ -76,11 +71,11 @@ def test_model_files_pairs_asn_with_the_fpr_beside_it(tiny_model: Path, tmp_path
 
 def test_detections_round_trip_through_json() -> None:
     dets = FakeDetector().detect(make_mg_dataset(), path="x.dcm")
-    back = detections_from_json(dets.to_json())
+    back = ImageDetections.from_json(dets.to_json())
     assert back.detections == dets.detections
     assert (back.rows, back.columns) == (256, 192)
     with pytest.raises(ValueError, match="rows"):
-        detections_from_json({k: v for k, v in dets.to_json().items() if k != "rows"})
+        ImageDetections.from_json({k: v for k, v in dets.to_json().items() if k != "rows"})
 
 
 # --------------------------------------------------------------------------- processing
