@@ -308,7 +308,7 @@ Run: `.venv/bin/python bench/phantom_realism.py --count 48` (about a minute on 2
 
 A detector that only works on a toy phantom is worthless. This bench renders a fresh
 set of small phantoms (seed 9001, never used for training) and checks them against the
-literature values of `docs/phantom-recipe.md`. β is fitted on log-domain tissue patches
+literature values of `docs/phantom.md`. β is fitted on log-domain tissue patches
 (20 mm, ≥ 15 mm inside the skin, no pectoral, no calcification, 0.15–1.0 cycles/mm).
 The DoG baseline runs on the display image inside the breast mask; a hit is a detection
 within 1 mm of a µC. If it does much better than classical detectors on real data
