@@ -45,7 +45,6 @@ _MB = 1024 * 1024
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 _SUFFIX = re.compile(r"^(\.[0-9A-Za-z]{1,16})?$")
 _MAX_COMPONENT = 64
-_CHUNK = 1024 * 1024
 _MKDIR_RETRIES = 10
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -439,13 +438,8 @@ class FileStore:
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
     with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return hasher.hexdigest(), size
+        return hashlib.file_digest(fh, "sha256").hexdigest(), os.fstat(fh.fileno()).st_size
 
 
 def _free_or_none(root: Path) -> int | None:

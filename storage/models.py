@@ -1,4 +1,4 @@
-"""SQLAlchemy tables of the node's durable state, and the versioned schema.
+"""SQLAlchemy tables of the node's durable state, and their schema version.
 
 Tables
 ------
@@ -22,71 +22,51 @@ Times are timezone-aware UTC :class:`datetime.datetime` objects in Python; they 
 stored as naive UTC (SQLite has no time zones) by :class:`UTCDateTime`, which refuses
 naive datetimes on the way in.
 
-Schema versions
----------------
-:data:`SCHEMA_VERSION` is the version the models describe. A fresh database is created
-from the models (``create_all``) and stamped with it. An existing database stamped with
-an older version is upgraded by the steps in :data:`MIGRATIONS` whose ``version`` is
-above the stamped one, in order, in one transaction. A newer version, or a file that is
-not a calcnode database, is refused with :class:`~storage.errors.SchemaVersionError`.
-
-To change the schema: change the models, append ``Migration(version=N, ...)`` whose
-``apply`` brings a version ``N - 1`` database to the models (``ALTER TABLE ...``), and
-set :data:`SCHEMA_VERSION` to ``N``.
+Schema version
+--------------
+:data:`SCHEMA_VERSION` is the version these models describe, stamped into
+``schema_version`` when :func:`storage.database.prepare_schema` creates a database and
+checked every time one is opened: any other version is refused. There are no migrations
+yet; adopt Alembic when the first real one is needed (and bump :data:`SCHEMA_VERSION`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     CheckConstraint,
     DateTime,
-    Engine,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
-    insert,
-    inspect,
-    select,
-    update,
 )
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
-
-from storage.errors import SchemaVersionError
 
 __all__ = [
     "APPLICATION_NAME",
     "JOB_STATES",
-    "MIGRATIONS",
     "SCHEMA_VERSION",
     "SEND_KINDS",
     "SEND_STATES",
     "STUDY_STATES",
+    "UID_LENGTH",
     "Base",
     "Job",
-    "Migration",
     "SchemaVersion",
     "Send",
     "Study",
     "UTCDateTime",
-    "prepare_schema",
-    "read_schema_version",
     "utcnow",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: The schema version the models in this module describe.
 SCHEMA_VERSION = 1
@@ -255,164 +235,3 @@ class SchemaVersion(Base):
     application: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One schema upgrade step.
-
-    Parameters
-    ----------
-    version : int
-        The version the step produces; it applies to a database at ``version - 1``.
-    description : str
-        What the step changes, logged when it runs.
-    apply : callable
-        ``apply(connection)`` runs the DDL/DML inside the upgrade's transaction.
-    """
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
-
-    def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, int):
-            raise TypeError(f"version must be an int, got {type(self.version).__name__}")
-        if self.version < 2:
-            raise ValueError(f"version must be >= 2 (1 is the baseline), got {self.version}")
-        if not callable(self.apply):
-            raise TypeError("apply must be callable")
-
-
-#: Upgrade steps, ordered by ``version``. Version 1 is the baseline (the tables above as
-#: first released); a fresh database is created from the models, never replayed.
-MIGRATIONS: tuple[Migration, ...] = ()
-
-
-def _check_migrations(migrations: Sequence[Migration], target: int) -> None:
-    expected = list(range(2, target + 1))
-    got = [m.version for m in migrations if m.version <= target]
-    if got != expected:
-        raise ValueError(
-            f"migrations must hold exactly versions {expected} in order for target "
-            f"{target}, got {got}"
-        )
-
-
-def read_schema_version(connection: Connection) -> int | None:
-    """Return the database's stamped schema version, or ``None`` for an empty database.
-
-    Raises
-    ------
-    SchemaVersionError
-        When the database has tables but is not a calcnode database (no or a foreign
-        ``schema_version`` table, or not the single row it should hold).
-    """
-    tables = set(inspect(connection).get_table_names())
-    if not tables:
-        return None
-    if "schema_version" not in tables:
-        shown = ", ".join(sorted(tables)[:8])
-        raise SchemaVersionError(
-            f"not a calcnode database: it has tables ({shown}) but no schema_version table"
-        )
-    try:
-        rows = connection.execute(select(SchemaVersion.application, SchemaVersion.version)).all()
-    except DatabaseError as exc:
-        raise SchemaVersionError(
-            f"not a calcnode database: its schema_version table is unreadable ({exc.orig})"
-        ) from exc
-    if len(rows) != 1:
-        raise SchemaVersionError(
-            f"not a calcnode database: schema_version holds {len(rows)} rows, expected 1"
-        )
-    application, version = rows[0]
-    if application != APPLICATION_NAME:
-        raise SchemaVersionError(
-            f"not a calcnode database: schema_version names application {application!r}"
-        )
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise SchemaVersionError(f"not a calcnode database: schema version {version!r}")
-    return version
-
-
-def _stamp(connection: Connection, version: int, *, first: bool) -> None:
-    values = {"application": APPLICATION_NAME, "version": version, "updated_at": utcnow()}
-    if first:
-        connection.execute(insert(SchemaVersion).values(id=1, **values))
-    else:
-        connection.execute(update(SchemaVersion).where(SchemaVersion.id == 1).values(**values))
-
-
-def prepare_schema(
-    engine: Engine,
-    *,
-    create: bool = True,
-    migrations: Sequence[Migration] = MIGRATIONS,
-    target: int = SCHEMA_VERSION,
-) -> int:
-    """Create, check or upgrade the schema of the database behind ``engine``.
-
-    Runs in one transaction: a failed upgrade leaves the database as it was.
-
-    Parameters
-    ----------
-    engine : Engine
-        The database.
-    create : bool
-        Create the tables in an empty database (else an empty database is refused).
-    migrations : sequence of Migration
-        Upgrade steps ordered by version; must hold exactly versions ``2 .. target``.
-    target : int
-        The version the running code expects (tests pass a higher one with their own
-        steps to exercise the upgrade path).
-
-    Returns
-    -------
-    int
-        The version the database had before (0 for a database created now).
-
-    Raises
-    ------
-    SchemaVersionError
-        The database is newer than ``target``, is not a calcnode database, or is
-        empty while ``create`` is false.
-    ValueError
-        ``migrations`` does not hold the steps ``2 .. target`` in order.
-    """
-    _check_migrations(migrations, target)
-    with engine.begin() as conn:
-        found = read_schema_version(conn)
-        if found is None:
-            if not create:
-                raise SchemaVersionError(
-                    "the database is empty (no calcnode schema) and create=False"
-                )
-            if target != SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"cannot create a database at version {target}: the models describe "
-                    f"version {SCHEMA_VERSION}"
-                )
-            Base.metadata.create_all(conn)
-            _stamp(conn, target, first=True)
-            logger.info("created database schema version %d", target)
-            return 0
-        if found > target:
-            raise SchemaVersionError(
-                f"the database has schema version {found}, newer than version {target} "
-                "that this calcnode understands: upgrade calcnode (or point it at another "
-                "database); refusing to open it"
-            )
-        if found < target:
-            for step in migrations:
-                if found < step.version <= target:
-                    logger.info(
-                        "migrating database schema %d -> %d: %s",
-                        step.version - 1,
-                        step.version,
-                        step.description,
-                    )
-                    step.apply(conn)
-            _stamp(conn, target, first=False)
-            logger.info("database schema migrated from version %d to %d", found, target)
-        return found

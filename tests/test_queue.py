@@ -1,26 +1,37 @@
-"""Tests of storage.queue and storage.models: the job queue, studies, sends, schema."""
+"""Tests of the storage database: jobs (intake, claim, leases), studies, sends, schema."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import multiprocessing
 import sqlite3
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection
 
+import storage.database
+from storage.database import Database, open_database, prepare_schema
 from storage.errors import (
+    DiskFullError,
     JobNotFoundError,
     LeaseLostError,
     SchemaVersionError,
     SendNotFoundError,
+    StorageError,
     StudyNotFoundError,
 )
-from storage.models import SCHEMA_VERSION, Base, Migration, prepare_schema
-from storage.queue import Database, QueuePolicy, open_database
+from storage.filestore import FileStore
+from storage.intake import EnqueueOutcome
+from storage.jobs import Jobs
+from storage.models import SCHEMA_VERSION, Base
+from storage.policy import QueuePolicy
+from storage.sends import Sends
+from storage.studies import Studies
 
 T0 = dt.datetime(2026, 1, 5, 12, 0, 0, tzinfo=dt.UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -67,7 +78,7 @@ def enqueue(
     now: dt.datetime = T0,
     path: str | None = None,
 ):
-    return db.enqueue_image(
+    return db.jobs.enqueue_image(
         sop_instance_uid=sop,
         study_instance_uid=study,
         series_instance_uid=SERIES,
@@ -82,8 +93,8 @@ def enqueue(
 
 def finish(db: Database, *, now: dt.datetime, worker: str = "w") -> None:
     """Claim and complete every job due at ``now``."""
-    while (job := db.claim(worker, lease_seconds=60, now=now)) is not None:
-        db.complete(job.job_id, worker, result={"findings": 0}, now=now)
+    while (job := db.jobs.claim(worker, lease_seconds=60, now=now)) is not None:
+        db.jobs.complete(job.job_id, worker, result={"findings": 0}, now=now)
 
 
 # --------------------------------------------------------------------------- enqueue
@@ -93,28 +104,28 @@ def test_enqueue_new_instance_creates_queued_job_and_open_study(db: Database) ->
     result = enqueue(db, "1.1")
     assert result.outcome == "new"
     assert result.obsolete_path is None
-    job = db.get_job(result.job_id)
+    job = db.jobs.get_job(result.job_id)
     assert (job.state, job.attempts, job.max_attempts) == ("queued", 0, 3)
     assert job.digest == DIGEST_A and job.size == 1234 and job.calling_aet == "PACS"
     assert job.received_at == T0 and job.next_attempt_at == T0
-    study = db.get_study(STUDY)
+    study = db.studies.get_study(STUDY)
     assert (study.state, study.image_count, study.content_generation) == ("open", 1, 1)
     assert study.first_received_at == T0 == study.last_received_at
 
 
 def test_enqueue_same_uid_same_digest_is_duplicate_without_new_job(db: Database) -> None:
     first = enqueue(db, "1.1")
-    job = db.claim("w", lease_seconds=60, now=at(1))
+    job = db.jobs.claim("w", lease_seconds=60, now=at(1))
     assert job is not None
-    db.complete(job.job_id, "w", result={"findings": 2}, now=at(2))
+    db.jobs.complete(job.job_id, "w", result={"findings": 2}, now=at(2))
 
     again = enqueue(db, "1.1", now=at(5))
 
     assert (again.job_id, again.outcome) == (first.job_id, "duplicate")
-    info = db.get_job(first.job_id)
+    info = db.jobs.get_job(first.job_id)
     assert (info.state, info.attempts, info.result) == ("done", 1, {"findings": 2})
-    assert db.claim("w", lease_seconds=60, now=at(6)) is None
-    study = db.get_study(STUDY)
+    assert db.jobs.claim("w", lease_seconds=60, now=at(6)) is None
+    study = db.studies.get_study(STUDY)
     assert study.image_count == 1
     assert study.content_generation == 1  # content unchanged
     assert study.last_received_at == at(5)  # but the study is still arriving
@@ -123,32 +134,32 @@ def test_enqueue_same_uid_same_digest_is_duplicate_without_new_job(db: Database)
 def test_enqueue_changed_resend_replaces_record_and_requeues_job(db: Database) -> None:
     first = enqueue(db, "1.1")
     finish(db, now=at(1))
-    [due] = db.due_studies(quiet_seconds=10, now=at(20))
-    assert db.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(21))
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(20))
+    assert db.studies.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(21))
 
     again = enqueue(db, "1.1", digest=DIGEST_B, now=at(30))
 
     assert (again.job_id, again.outcome) == (first.job_id, "replaced")
-    info = db.get_job(first.job_id)
+    info = db.jobs.get_job(first.job_id)
     assert (info.state, info.attempts, info.digest) == ("queued", 0, DIGEST_B)
     assert info.result is None and info.received_at == at(30)
-    study = db.get_study(STUDY)
+    study = db.studies.get_study(STUDY)
     assert (study.state, study.image_count, study.report_version) == ("open", 1, 1)
     finish(db, now=at(31))
-    [due] = db.due_studies(quiet_seconds=10, now=at(41))
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(41))
     assert due.version == 2
 
 
 def test_changed_resend_voids_the_running_workers_lease(db: Database) -> None:
     enqueue(db, "1.1")
-    job = db.claim("old-worker", lease_seconds=600, now=at(1))
+    job = db.jobs.claim("old-worker", lease_seconds=600, now=at(1))
     assert job is not None
 
     enqueue(db, "1.1", digest=DIGEST_B, now=at(2))
 
     with pytest.raises(LeaseLostError, match="old-worker"):
-        db.complete(job.job_id, "old-worker", result={"findings": 1}, now=at(3))
-    again = db.claim("new-worker", lease_seconds=600, now=at(4))
+        db.jobs.complete(job.job_id, "old-worker", result={"findings": 1}, now=at(3))
+    again = db.jobs.claim("new-worker", lease_seconds=600, now=at(4))
     assert again is not None
     assert (again.job_id, again.digest, again.attempt) == (job.job_id, DIGEST_B, 1)
 
@@ -160,17 +171,17 @@ def test_resend_into_another_study_reopens_both_and_names_the_obsolete_file(
     enqueue(db, "1.1", path="instances/old/1.1.dcm")
     enqueue(db, "1.2")
     finish(db, now=at(1))
-    [due] = db.due_studies(quiet_seconds=0, now=at(2))
-    db.mark_study_reported(STUDY, due.version, now=at(2))
+    [due] = db.studies.due_studies(quiet_seconds=0, now=at(2))
+    db.studies.mark_study_reported(STUDY, due.version, now=at(2))
 
     moved = enqueue(db, "1.1", study=other, digest=DIGEST_B, now=at(3), path="instances/new.dcm")
 
     assert moved.outcome == "replaced"
     assert moved.obsolete_path == "instances/old/1.1.dcm"
-    old, new = db.get_study(STUDY), db.get_study(other)
+    old, new = db.studies.get_study(STUDY), db.studies.get_study(other)
     assert (old.state, old.image_count) == ("open", 1)
     assert (new.state, new.image_count) == ("open", 1)
-    assert [j.sop_instance_uid for j in db.study_jobs(other)] == ["1.1"]
+    assert [j.sop_instance_uid for j in db.jobs.study_jobs(other)] == ["1.1"]
 
 
 @pytest.mark.parametrize(
@@ -207,7 +218,158 @@ def test_enqueue_rejects_invalid_arguments_naming_them(
     }
     args[field] = value
     with pytest.raises(error, match=field):
-        db.enqueue_image(**args)  # type: ignore[arg-type]
+        db.jobs.enqueue_image(**args)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- receive
+
+
+def instance_files(store: FileStore) -> list[str]:
+    root = store.root / "instances"
+    return sorted(p.relative_to(store.root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def receive(db: Database, store: FileStore, content: bytes, *, sop: str = "1.1", **kw: object):
+    args: dict[str, object] = {
+        "sop_instance_uid": sop,
+        "study_instance_uid": STUDY,
+        "series_instance_uid": SERIES,
+        "sop_class_uid": MG,
+        "data": content,
+        "digest": hashlib.sha256(content).hexdigest(),
+        "size": len(content),
+        "calling_aet": "PACS",
+        "now": T0,
+    }
+    args.update(kw)
+    return db.jobs.receive(store, **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store", min_free_mb=0)
+
+
+def test_receive_new_instance_writes_the_file_by_uid_and_queues_its_job(
+    db: Database, store: FileStore
+) -> None:
+    result = receive(db, store, b"first")
+    assert result.outcome is EnqueueOutcome.NEW and result.outcome == "new"
+    assert result.path == f"instances/{STUDY}/{SERIES}/1.1.dcm" and result.obsolete_path is None
+    assert instance_files(store) == [result.path]
+    assert store.resolve(result.path).read_bytes() == b"first"
+    job = db.jobs.get_job(result.job_id)
+    assert (job.path, job.digest, job.size, job.state) == (
+        result.path,
+        hashlib.sha256(b"first").hexdigest(),
+        5,
+        "queued",
+    )
+
+
+def test_receive_duplicate_writes_nothing_and_queues_nothing(
+    db: Database, store: FileStore
+) -> None:
+    first = receive(db, store, b"same")
+    finish(db, now=at(1))
+    written: list[int] = []
+
+    def writer(fh: BinaryIO) -> None:
+        written.append(1)
+        fh.write(b"same")
+
+    digest = hashlib.sha256(b"same").hexdigest()
+    again = receive(db, store, b"same", data=writer, digest=digest, now=at(5))
+
+    assert (again.job_id, again.outcome, again.path) == (first.job_id, "duplicate", first.path)
+    assert written == []  # decided before writing
+    assert instance_files(store) == [first.path]
+    assert db.jobs.get_job(first.job_id).state == "done"
+    assert db.studies.get_study(STUDY).last_received_at == at(5)
+
+
+def test_receive_duplicate_writes_a_missing_recorded_file_back(
+    db: Database, store: FileStore
+) -> None:
+    first = receive(db, store, b"same")
+    store.remove(first.path)
+    again = receive(db, store, b"same", now=at(5))
+    assert (again.outcome, again.path) == ("duplicate", first.path)
+    assert store.resolve(first.path).read_bytes() == b"same"
+
+
+def test_receive_replacement_writes_beside_the_current_file_then_removes_it(
+    db: Database, store: FileStore
+) -> None:
+    first = receive(db, store, b"version 1")
+    second = receive(db, store, b"version 2", now=at(5))
+
+    digest2 = hashlib.sha256(b"version 2").hexdigest()
+    assert (second.job_id, second.outcome) == (first.job_id, EnqueueOutcome.REPLACED)
+    assert second.path == f"instances/{STUDY}/{SERIES}/1.1.{digest2[:16]}"
+    assert second.obsolete_path is None
+    assert instance_files(store) == [second.path]  # the superseded file is gone
+    job = db.jobs.get_job(first.job_id)
+    assert (job.path, job.digest, job.state) == (second.path, digest2, "queued")
+    assert db.studies.get_study(STUDY).content_generation == 2
+
+    third = receive(db, store, b"version 3", now=at(9))  # back at the usual path
+    assert (third.outcome, third.path) == ("replaced", first.path)
+    assert instance_files(store) == [first.path]
+    assert store.resolve(first.path).read_bytes() == b"version 3"
+
+
+def test_receive_replacement_into_another_study_moves_the_file(
+    db: Database, store: FileStore
+) -> None:
+    other = "1.2.826.0.1.3680043.8.498.99"
+    receive(db, store, b"version 1")
+    moved = receive(db, store, b"version 2", study_instance_uid=other, now=at(5))
+    assert (moved.outcome, moved.path) == ("replaced", f"instances/{other}/{SERIES}/1.1.dcm")
+    assert instance_files(store) == [moved.path]
+    assert db.studies.get_study(STUDY).image_count == 0
+    assert db.studies.get_study(other).image_count == 1
+
+
+def test_receive_removes_the_written_file_when_recording_fails(
+    db: Database, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(**_: object) -> None:
+        raise StorageError("database operation failed: disk I/O error")
+
+    monkeypatch.setattr(db.jobs, "enqueue_image", broken)
+    with pytest.raises(StorageError, match="disk I/O"):
+        receive(db, store, b"content")
+    monkeypatch.undo()
+    assert instance_files(store) == []
+    assert db.status_summary()["jobs"]["queued"] == 0
+
+
+def test_receive_on_a_full_disk_raises_disk_full_and_leaves_nothing(
+    db: Database, tmp_path: Path
+) -> None:
+    full = FileStore(tmp_path / "full", min_free_mb=10**9)
+    with pytest.raises(DiskFullError):
+        receive(db, full, b"content")
+    assert not (full.root / "instances").exists()
+    assert db.status_summary()["jobs"]["queued"] == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("calling_aet", "X" * 17, ValueError),
+        ("sop_class_uid", "", ValueError),
+        ("digest", "A" * 64, ValueError),
+        ("size", -1, ValueError),
+    ],
+)
+def test_receive_checks_its_arguments_before_writing(
+    db: Database, store: FileStore, field: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=field):
+        receive(db, store, b"content", **{field: value})
+    assert not (store.root / "instances").exists()
 
 
 # --------------------------------------------------------------------------- claim
@@ -217,9 +379,9 @@ def _claim_all(url: str, worker: str, start: object, out: object) -> None:
     database = open_database(url)
     start.wait()  # type: ignore[attr-defined]
     got: list[int] = []
-    while (job := database.claim(worker, lease_seconds=300)) is not None:
+    while (job := database.jobs.claim(worker, lease_seconds=300)) is not None:
         got.append(job.job_id)
-        database.complete(job.job_id, worker, result={"worker": worker})
+        database.jobs.complete(job.job_id, worker, result={"worker": worker})
     database.close()
     out.put((worker, got))  # type: ignore[attr-defined]
 
@@ -246,14 +408,14 @@ def test_claim_is_atomic_across_processes(tmp_path: Path) -> None:
     assert set(claimed) == ids  # every job claimed, none twice
     database = open_database(url)
     for job_id in ids:
-        job = database.get_job(job_id)
+        job = database.jobs.get_job(job_id)
         assert (job.state, job.attempts) == ("done", 1)
         assert job.result is not None and job_id in results[job.result["worker"]]
     database.close()
 
 
 def _claim_with_inherited(database: Database, out: object) -> None:
-    job = database.claim("child", lease_seconds=60, now=at(1))
+    job = database.jobs.claim("child", lease_seconds=60, now=at(1))
     out.put(None if job is None else job.job_id)  # type: ignore[attr-defined]
 
 
@@ -267,9 +429,9 @@ def test_a_database_inherited_through_fork_opens_its_own_connections(db: Databas
     assert out.get(timeout=30) == first
     child.join(timeout=30)
     assert child.exitcode == 0
-    second = db.claim("parent", lease_seconds=60, now=at(1))  # the parent's pool still works
+    second = db.jobs.claim("parent", lease_seconds=60, now=at(1))  # the parent's pool still works
     assert second is not None and second.job_id != first
-    assert db.get_job(first).lease_owner == "child"
+    assert db.jobs.get_job(first).lease_owner == "child"
 
 
 def test_claim_is_atomic_across_threads_sharing_one_database(db: Database) -> None:
@@ -278,7 +440,7 @@ def test_claim_is_atomic_across_threads_sharing_one_database(db: Database) -> No
     lock = threading.Lock()
 
     def work(name: str) -> None:
-        while (job := db.claim(name, lease_seconds=60, now=at(1))) is not None:
+        while (job := db.jobs.claim(name, lease_seconds=60, now=at(1))) is not None:
             with lock:
                 claimed.append(job.job_id)
 
@@ -293,19 +455,19 @@ def test_claim_is_atomic_across_threads_sharing_one_database(db: Database) -> No
 def test_claim_takes_jobs_in_arrival_order_and_none_when_empty(db: Database) -> None:
     second = enqueue(db, "1.2", now=at(2)).job_id
     first = enqueue(db, "1.1", now=at(1)).job_id
-    a = db.claim("w", lease_seconds=60, now=at(3))
-    b = db.claim("w", lease_seconds=60, now=at(3))
+    a = db.jobs.claim("w", lease_seconds=60, now=at(3))
+    b = db.jobs.claim("w", lease_seconds=60, now=at(3))
     assert a is not None and b is not None
     assert (a.job_id, b.job_id) == (first, second)
     assert a.lease_expires_at == at(63)
     assert a.path == f"instances/{STUDY}/{SERIES}/1.1.dcm"
-    assert db.claim("w", lease_seconds=60, now=at(3)) is None
+    assert db.jobs.claim("w", lease_seconds=60, now=at(3)) is None
 
 
 def test_claim_does_not_take_a_job_before_it_arrived(db: Database) -> None:
     enqueue(db, "1.1", now=at(10))
-    assert db.claim("w", lease_seconds=60, now=at(9)) is None
-    assert db.claim("w", lease_seconds=60, now=at(10)) is not None
+    assert db.jobs.claim("w", lease_seconds=60, now=at(9)) is None
+    assert db.jobs.claim("w", lease_seconds=60, now=at(10)) is not None
 
 
 @pytest.mark.parametrize(
@@ -321,7 +483,7 @@ def test_claim_rejects_invalid_arguments(
     db: Database, worker: object, lease: float, error: type[Exception]
 ) -> None:
     with pytest.raises(error, match=r"worker_id|lease_seconds"):
-        db.claim(worker, lease_seconds=lease)  # type: ignore[arg-type]
+        db.jobs.claim(worker, lease_seconds=lease)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- leases
@@ -331,18 +493,18 @@ def test_expired_lease_returns_the_job_to_the_queue_and_counts_the_attempt(
     db: Database,
 ) -> None:
     job_id = enqueue(db, "1.1").job_id
-    job = db.claim("dead", lease_seconds=60, now=at(0))
+    job = db.jobs.claim("dead", lease_seconds=60, now=at(0))
     assert job is not None
 
-    assert db.recover_expired_leases(now=at(59)) == []
-    assert db.recover_expired_leases(now=at(61)) == [job_id]
+    assert db.jobs.recover_expired_leases(now=at(59)) == []
+    assert db.jobs.recover_expired_leases(now=at(61)) == [job_id]
 
-    info = db.get_job(job_id)
+    info = db.jobs.get_job(job_id)
     assert (info.state, info.attempts, info.lease_owner) == ("queued", 1, None)
     assert info.next_attempt_at == at(71)  # back-off after the first attempt: 10 s
     assert info.last_error is not None and "expired" in info.last_error
-    assert db.claim("w2", lease_seconds=60, now=at(70)) is None
-    again = db.claim("w2", lease_seconds=60, now=at(71))
+    assert db.jobs.claim("w2", lease_seconds=60, now=at(70)) is None
+    again = db.jobs.claim("w2", lease_seconds=60, now=at(71))
     assert again is not None and again.attempt == 2
 
 
@@ -351,9 +513,9 @@ def test_expired_lease_on_the_last_attempt_fails_the_job_keeping_the_reason(
 ) -> None:
     database = open_database(db_url(tmp_path), policy=policy(max_attempts=1))
     job_id = enqueue(database, "1.1").job_id
-    assert database.claim("dead", lease_seconds=5, now=at(0)) is not None
-    assert database.recover_expired_leases(now=at(6)) == [job_id]
-    info = database.get_job(job_id)
+    assert database.jobs.claim("dead", lease_seconds=5, now=at(0)) is not None
+    assert database.jobs.recover_expired_leases(now=at(6)) == [job_id]
+    info = database.jobs.get_job(job_id)
     assert (info.state, info.attempts) == ("failed", 1)
     assert "dead" in (info.last_error or "")
     database.close()
@@ -361,51 +523,51 @@ def test_expired_lease_on_the_last_attempt_fails_the_job_keeping_the_reason(
 
 def test_stale_worker_gets_lease_lost_error_after_its_job_was_taken_over(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("stale", lease_seconds=10, now=at(0)) is not None
-    db.recover_expired_leases(now=at(11))
-    assert db.claim("fresh", lease_seconds=60, now=at(30)) is not None
+    assert db.jobs.claim("stale", lease_seconds=10, now=at(0)) is not None
+    db.jobs.recover_expired_leases(now=at(11))
+    assert db.jobs.claim("fresh", lease_seconds=60, now=at(30)) is not None
 
     with pytest.raises(LeaseLostError, match="fresh"):
-        db.complete(job_id, "stale", result={}, now=at(31))
+        db.jobs.complete(job_id, "stale", result={}, now=at(31))
     with pytest.raises(LeaseLostError):
-        db.fail(job_id, "stale", error="boom", now=at(31))
+        db.jobs.fail(job_id, "stale", error="boom", now=at(31))
     with pytest.raises(LeaseLostError):
-        db.extend_lease(job_id, "stale", lease_seconds=60, now=at(31))
-    db.complete(job_id, "fresh", result={"findings": 1}, now=at(32))
-    assert db.get_job(job_id).state == "done"
+        db.jobs.extend_lease(job_id, "stale", lease_seconds=60, now=at(31))
+    db.jobs.complete(job_id, "fresh", result={"findings": 1}, now=at(32))
+    assert db.jobs.get_job(job_id).state == "done"
 
 
 def test_extend_lease_keeps_a_live_worker_from_being_recovered(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=10, now=at(0)) is not None
-    assert db.extend_lease(job_id, "w", lease_seconds=30, now=at(8)) == at(38)
-    assert db.recover_expired_leases(now=at(20)) == []
-    assert db.get_job(job_id).state == "running"
+    assert db.jobs.claim("w", lease_seconds=10, now=at(0)) is not None
+    assert db.jobs.extend_lease(job_id, "w", lease_seconds=30, now=at(8)) == at(38)
+    assert db.jobs.recover_expired_leases(now=at(20)) == []
+    assert db.jobs.get_job(job_id).state == "running"
 
 
 def test_lease_operations_on_unknown_job_raise_job_not_found(db: Database) -> None:
     with pytest.raises(JobNotFoundError, match="42"):
-        db.complete(42, "w", result={})
+        db.jobs.complete(42, "w", result={})
     with pytest.raises(JobNotFoundError):
-        db.retry_job(42)
+        db.jobs.retry_job(42)
 
 
 def test_release_returns_the_job_without_counting_the_attempt(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
-    db.release(job_id, "w", now=at(1))
-    info = db.get_job(job_id)
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
+    db.jobs.release(job_id, "w", now=at(1))
+    info = db.jobs.get_job(job_id)
     assert (info.state, info.attempts, info.next_attempt_at) == ("queued", 0, at(1))
 
 
 def test_complete_rejects_a_result_that_is_not_json(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
     with pytest.raises(TypeError, match="result"):
-        db.complete(job_id, "w", result={"x": object()})
+        db.jobs.complete(job_id, "w", result={"x": object()})
     with pytest.raises(TypeError, match="result"):
-        db.complete(job_id, "w", result={"x": float("nan")})
-    assert db.get_job(job_id).state == "running"
+        db.jobs.complete(job_id, "w", result={"x": float("nan")})
+    assert db.jobs.get_job(job_id).state == "running"
 
 
 # --------------------------------------------------------------------------- retries
@@ -419,38 +581,39 @@ def test_fail_retries_with_exponential_backoff_then_fails_after_max_attempts(
     now = at(0)
     expected_delays = [10, 20, 25]  # base 10 s, doubling, capped at 25 s
     for attempt, delay in enumerate(expected_delays, start=1):
-        job = database.claim("w", lease_seconds=60, now=now)
+        job = database.jobs.claim("w", lease_seconds=60, now=now)
         assert job is not None and job.attempt == attempt
-        state = database.fail(job_id, "w", error=f"decoder error {attempt}", now=now)
+        state = database.jobs.fail(job_id, "w", error=f"decoder error {attempt}", now=now)
         assert state == "queued"
-        assert database.get_job(job_id).next_attempt_at == now + dt.timedelta(seconds=delay)
+        assert database.jobs.get_job(job_id).next_attempt_at == now + dt.timedelta(seconds=delay)
         assert (
-            database.claim("w", lease_seconds=60, now=now + dt.timedelta(seconds=delay - 1)) is None
+            database.jobs.claim("w", lease_seconds=60, now=now + dt.timedelta(seconds=delay - 1))
+            is None
         )
         now += dt.timedelta(seconds=delay)
 
-    job = database.claim("w", lease_seconds=60, now=now)
+    job = database.jobs.claim("w", lease_seconds=60, now=now)
     assert job is not None and job.attempt == 4
-    assert database.fail(job_id, "w", error="decoder error 4", now=now) == "failed"
-    info = database.get_job(job_id)
+    assert database.jobs.fail(job_id, "w", error="decoder error 4", now=now) == "failed"
+    info = database.jobs.get_job(job_id)
     assert (info.state, info.attempts, info.last_error) == ("failed", 4, "decoder error 4")
-    assert database.claim("w", lease_seconds=60, now=now + dt.timedelta(days=1)) is None
+    assert database.jobs.claim("w", lease_seconds=60, now=now + dt.timedelta(days=1)) is None
     database.close()
 
 
 def test_fail_without_retry_fails_at_once_and_keeps_the_error(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
-    assert db.fail(job_id, "w", error="not a mammogram", retry=False, now=at(1)) == "failed"
-    info = db.get_job(job_id)
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
+    assert db.jobs.fail(job_id, "w", error="not a mammogram", retry=False, now=at(1)) == "failed"
+    info = db.jobs.get_job(job_id)
     assert (info.state, info.attempts, info.last_error) == ("failed", 1, "not a mammogram")
 
 
 def test_fail_cuts_very_long_error_texts(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
-    db.fail(job_id, "w", error="x" * 10_000, retry=False, now=at(1))
-    stored = db.get_job(job_id).last_error or ""
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
+    db.jobs.fail(job_id, "w", error="x" * 10_000, retry=False, now=at(1))
+    stored = db.jobs.get_job(job_id).last_error or ""
     assert len(stored) == 4000 and stored.endswith("[truncated]")
 
 
@@ -458,29 +621,29 @@ def test_admin_retry_requeues_a_failed_job_with_attempts_reset_and_reopens_its_s
     db: Database,
 ) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
-    db.fail(job_id, "w", error="model missing", retry=False, now=at(1))
-    [due] = db.due_studies(quiet_seconds=5, now=at(10))
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
+    db.jobs.fail(job_id, "w", error="model missing", retry=False, now=at(1))
+    [due] = db.studies.due_studies(quiet_seconds=5, now=at(10))
     assert (due.failed_count, due.done_count) == (1, 0)
-    db.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(10))
+    db.studies.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(10))
 
-    db.retry_job(job_id, now=at(20))
+    db.jobs.retry_job(job_id, now=at(20))
 
-    info = db.get_job(job_id)
+    info = db.jobs.get_job(job_id)
     assert (info.state, info.attempts, info.next_attempt_at) == ("queued", 0, at(20))
     assert info.last_error == "model missing"  # kept until the job succeeds
-    assert db.get_study(STUDY).state == "open"
+    assert db.studies.get_study(STUDY).state == "open"
     finish(db, now=at(21))
-    assert db.get_job(job_id).last_error is None
-    [due] = db.due_studies(quiet_seconds=5, now=at(30))
+    assert db.jobs.get_job(job_id).last_error is None
+    [due] = db.studies.due_studies(quiet_seconds=5, now=at(30))
     assert (due.version, due.done_count, due.failed_count) == (2, 1, 0)
 
 
 def test_admin_retry_refuses_a_running_job(db: Database) -> None:
     job_id = enqueue(db, "1.1").job_id
-    assert db.claim("w", lease_seconds=60, now=at(0)) is not None
+    assert db.jobs.claim("w", lease_seconds=60, now=at(0)) is not None
     with pytest.raises(ValueError, match="running"):
-        db.retry_job(job_id, now=at(1))
+        db.jobs.retry_job(job_id, now=at(1))
 
 
 @pytest.mark.parametrize(
@@ -504,15 +667,15 @@ def test_queue_policy_rejects_invalid_values(overrides: dict[str, object], name:
 def test_study_is_not_due_while_a_job_is_queued_or_running(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     enqueue(db, "1.2", now=at(1))
-    assert db.due_studies(quiet_seconds=10, now=at(100)) == []  # both queued
-    first = db.claim("w", lease_seconds=600, now=at(2))
+    assert db.studies.due_studies(quiet_seconds=10, now=at(100)) == []  # both queued
+    first = db.jobs.claim("w", lease_seconds=600, now=at(2))
     assert first is not None
-    db.complete(first.job_id, "w", result={}, now=at(3))
-    running = db.claim("w", lease_seconds=600, now=at(4))
+    db.jobs.complete(first.job_id, "w", result={}, now=at(3))
+    running = db.jobs.claim("w", lease_seconds=600, now=at(4))
     assert running is not None
-    assert db.due_studies(quiet_seconds=10, now=at(100)) == []  # one running
-    db.complete(running.job_id, "w", result={}, now=at(5))
-    [due] = db.due_studies(quiet_seconds=10, now=at(100))
+    assert db.studies.due_studies(quiet_seconds=10, now=at(100)) == []  # one running
+    db.jobs.complete(running.job_id, "w", result={}, now=at(5))
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(100))
     assert (due.study_instance_uid, due.version, due.image_count) == (STUDY, 1, 2)
     assert (due.done_count, due.failed_count) == (2, 0)
 
@@ -521,38 +684,38 @@ def test_study_is_due_only_after_the_quiet_period(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     enqueue(db, "1.2", now=at(30))
     finish(db, now=at(31))
-    assert db.due_studies(quiet_seconds=60, now=at(89)) == []  # 59 s since the last image
-    [due] = db.due_studies(quiet_seconds=60, now=at(90))
+    assert db.studies.due_studies(quiet_seconds=60, now=at(89)) == []  # 59 s since the last image
+    [due] = db.studies.due_studies(quiet_seconds=60, now=at(90))
     assert due.last_received_at == at(30) and due.first_received_at == at(0)
 
 
 def test_study_is_due_again_with_the_next_version_after_a_new_image(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     finish(db, now=at(1))
-    [due] = db.due_studies(quiet_seconds=10, now=at(20))
-    assert db.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(21))
-    assert db.due_studies(quiet_seconds=10, now=at(100)) == []
-    info = db.get_study(STUDY)
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(20))
+    assert db.studies.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(21))
+    assert db.studies.due_studies(quiet_seconds=10, now=at(100)) == []
+    info = db.studies.get_study(STUDY)
     assert (info.state, info.report_version, info.reported_at) == ("reported", 1, at(21))
 
     enqueue(db, "1.2", now=at(200))
     finish(db, now=at(201))
-    assert db.due_studies(quiet_seconds=10, now=at(205)) == []
-    [due] = db.due_studies(quiet_seconds=10, now=at(210))
+    assert db.studies.due_studies(quiet_seconds=10, now=at(205)) == []
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(210))
     assert (due.version, due.image_count) == (2, 2)
-    db.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(211))
-    info = db.get_study(STUDY)
+    db.studies.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(211))
+    info = db.studies.get_study(STUDY)
     assert (info.report_version, info.reported_at, info.last_report_at) == (2, at(21), at(211))
 
 
 def test_duplicate_after_the_report_does_not_reopen_the_study(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     finish(db, now=at(1))
-    [due] = db.due_studies(quiet_seconds=10, now=at(20))
-    db.mark_study_reported(STUDY, due.version, now=at(21))
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(20))
+    db.studies.mark_study_reported(STUDY, due.version, now=at(21))
     assert enqueue(db, "1.1", now=at(50)).outcome == "duplicate"
-    assert db.due_studies(quiet_seconds=10, now=at(100)) == []
-    assert db.get_study(STUDY).state == "reported"
+    assert db.studies.due_studies(quiet_seconds=10, now=at(100)) == []
+    assert db.studies.get_study(STUDY).state == "reported"
 
 
 def test_study_stays_open_when_an_image_arrived_while_its_report_was_built(
@@ -560,39 +723,41 @@ def test_study_stays_open_when_an_image_arrived_while_its_report_was_built(
 ) -> None:
     enqueue(db, "1.1", now=at(0))
     finish(db, now=at(1))
-    [due] = db.due_studies(quiet_seconds=10, now=at(20))
+    [due] = db.studies.due_studies(quiet_seconds=10, now=at(20))
     enqueue(db, "1.2", now=at(21))  # arrives while the report is being made
-    assert not db.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(22))
+    assert not db.studies.mark_study_reported(
+        STUDY, due.version, generation=due.generation, now=at(22)
+    )
     finish(db, now=at(23))
-    [again] = db.due_studies(quiet_seconds=10, now=at(40))
+    [again] = db.studies.due_studies(quiet_seconds=10, now=at(40))
     assert again.version == 2
 
 
 def test_mark_study_reported_refuses_an_old_version_and_unknown_study(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     finish(db, now=at(1))
-    db.mark_study_reported(STUDY, 1, now=at(20))
+    db.studies.mark_study_reported(STUDY, 1, now=at(20))
     with pytest.raises(ValueError, match="version 1"):
-        db.mark_study_reported(STUDY, 1, now=at(21))
+        db.studies.mark_study_reported(STUDY, 1, now=at(21))
     with pytest.raises(StudyNotFoundError, match=r"1\.9\.9"):
-        db.mark_study_reported("1.9.9", 1)
+        db.studies.mark_study_reported("1.9.9", 1)
     with pytest.raises(ValueError, match="version"):
-        db.mark_study_reported(STUDY, 0)
+        db.studies.mark_study_reported(STUDY, 0)
 
 
 def test_study_jobs_lists_the_jobs_of_one_study_only(db: Database) -> None:
     enqueue(db, "1.1")
     enqueue(db, "1.2")
     enqueue(db, "2.1", study="1.2.3.4")
-    assert [j.sop_instance_uid for j in db.study_jobs(STUDY)] == ["1.1", "1.2"]
-    assert db.study_jobs("9.9") == []
+    assert [j.sop_instance_uid for j in db.jobs.study_jobs(STUDY)] == ["1.1", "1.2"]
+    assert db.jobs.study_jobs("9.9") == []
 
 
 # --------------------------------------------------------------------------- sends
 
 
 def add_send(db: Database, sop: str = "1.5.1", *, destination: str = "pacs", now=T0) -> int:
-    return db.add_send(
+    return db.sends.add_send(
         destination=destination,
         object_path=f"results/{STUDY}/{sop}.dcm",
         sop_class_uid=SR,
@@ -609,30 +774,36 @@ def test_send_backoff_doubles_up_to_the_cap_and_never_gives_up_by_default(
     send_id = add_send(db)
     now = at(0)
     for delay in [5, 10, 20, 40, 40, 40, 40, 40, 40, 40]:
-        assert [s.send_id for s in db.due_sends(now=now)] == [send_id]
-        state = db.mark_send_failed(send_id, error="association rejected", now=now)
+        assert [s.send_id for s in db.sends.due_sends(now=now)] == [send_id]
+        state = db.sends.mark_send_failed(send_id, error="association rejected", now=now)
         assert state == "pending"
-        assert db.due_sends(now=now + dt.timedelta(seconds=delay - 1)) == []
+        assert db.sends.due_sends(now=now + dt.timedelta(seconds=delay - 1)) == []
         now += dt.timedelta(seconds=delay)
-    info = db.get_send(send_id)
+    info = db.sends.get_send(send_id)
     assert (info.state, info.attempts, info.last_error) == ("pending", 10, "association rejected")
-    db.mark_sent(send_id, now=now)
-    info = db.get_send(send_id)
+    db.sends.mark_sent(send_id, now=now)
+    info = db.sends.get_send(send_id)
     assert (info.state, info.sent_at, info.last_status) == ("sent", now, 0)
-    assert db.due_sends(now=now + dt.timedelta(days=1)) == []
+    assert db.sends.due_sends(now=now + dt.timedelta(days=1)) == []
     with pytest.raises(ValueError, match="already sent"):
-        db.mark_send_failed(send_id, error="late", now=now)
+        db.sends.mark_send_failed(send_id, error="late", now=now)
 
 
 def test_send_fails_after_the_configured_maximum_of_tries(tmp_path: Path) -> None:
     database = open_database(db_url(tmp_path), policy=policy(send_max_attempts=2))
     send_id = add_send(database)
-    assert database.mark_send_failed(send_id, error="0xA700", status=0xA700, now=at(0)) == "pending"
-    assert database.mark_send_failed(send_id, error="0xA700", status=0xA700, now=at(5)) == "failed"
-    assert database.get_send(send_id).last_status == 0xA700
-    assert database.due_sends(now=at(1000)) == []
-    database.retry_send(send_id, now=at(1000))
-    assert [s.attempts for s in database.due_sends(now=at(1000))] == [0]
+    assert (
+        database.sends.mark_send_failed(send_id, error="0xA700", status=0xA700, now=at(0))
+        == "pending"
+    )
+    assert (
+        database.sends.mark_send_failed(send_id, error="0xA700", status=0xA700, now=at(5))
+        == "failed"
+    )
+    assert database.sends.get_send(send_id).last_status == 0xA700
+    assert database.sends.due_sends(now=at(1000)) == []
+    database.sends.retry_send(send_id, now=at(1000))
+    assert [s.attempts for s in database.sends.due_sends(now=at(1000))] == [0]
     database.close()
 
 
@@ -640,22 +811,22 @@ def test_due_sends_lists_pending_due_sends_oldest_first(db: Database) -> None:
     late = add_send(db, "1.5.2", now=at(10))
     early = add_send(db, "1.5.1", now=at(5))
     other = add_send(db, "1.5.3", destination="archive", now=at(7))
-    assert [s.send_id for s in db.due_sends(now=at(6))] == [early]
-    assert [s.send_id for s in db.due_sends(now=at(10))] == [early, other, late]
-    assert [s.send_id for s in db.due_sends(now=at(10), destination="archive")] == [other]
-    assert [s.send_id for s in db.due_sends(now=at(10), limit=1)] == [early]
+    assert [s.send_id for s in db.sends.due_sends(now=at(6))] == [early]
+    assert [s.send_id for s in db.sends.due_sends(now=at(10))] == [early, other, late]
+    assert [s.send_id for s in db.sends.due_sends(now=at(10), destination="archive")] == [other]
+    assert [s.send_id for s in db.sends.due_sends(now=at(10), limit=1)] == [early]
 
 
 def test_add_send_is_idempotent_per_destination_and_instance(db: Database) -> None:
     first = add_send(db, "1.5.1")
     assert add_send(db, "1.5.1") == first
     assert add_send(db, "1.5.1", destination="archive") != first
-    assert len(db.due_sends(now=at(1))) == 2
+    assert len(db.sends.due_sends(now=at(1))) == 2
 
 
 def test_add_send_rejects_unknown_kind_and_unknown_send_ids(db: Database) -> None:
     with pytest.raises(ValueError, match="kind"):
-        db.add_send(
+        db.sends.add_send(
             destination="pacs",
             object_path="results/x.dcm",
             sop_class_uid=SR,
@@ -664,7 +835,7 @@ def test_add_send_rejects_unknown_kind_and_unknown_send_ids(db: Database) -> Non
             kind="pdf",
         )
     with pytest.raises(SendNotFoundError, match="77"):
-        db.mark_sent(77)
+        db.sends.mark_sent(77)
 
 
 # --------------------------------------------------------------------------- admin
@@ -673,12 +844,12 @@ def test_add_send_rejects_unknown_kind_and_unknown_send_ids(db: Database) -> Non
 def test_status_summary_counts_states_and_lists_recent_errors(db: Database) -> None:
     for i in range(3):
         enqueue(db, f"1.{i}", now=at(i))
-    job = db.claim("w", lease_seconds=60, now=at(5))
+    job = db.jobs.claim("w", lease_seconds=60, now=at(5))
     assert job is not None
-    db.fail(job.job_id, "w", error="cannot decode", retry=False, now=at(6))
-    assert db.claim("w", lease_seconds=60, now=at(7)) is not None
+    db.jobs.fail(job.job_id, "w", error="cannot decode", retry=False, now=at(6))
+    assert db.jobs.claim("w", lease_seconds=60, now=at(7)) is not None
     send_id = add_send(db)
-    db.mark_send_failed(send_id, error="connection refused", now=at(8))
+    db.sends.mark_send_failed(send_id, error="connection refused", now=at(8))
 
     summary = db.status_summary()
 
@@ -696,14 +867,14 @@ def test_status_summary_counts_states_and_lists_recent_errors(db: Database) -> N
 def test_purge_done_before_removes_reported_rows_and_returns_their_files(db: Database) -> None:
     enqueue(db, "1.1", now=at(0))
     enqueue(db, "2.1", study="1.2.3.4", now=at(0))  # its study stays open
-    job = db.claim("w", lease_seconds=60, now=at(1))
+    job = db.jobs.claim("w", lease_seconds=60, now=at(1))
     assert job is not None
-    db.complete(job.job_id, "w", result={"paths": ["results/s/1.1-seg.dcm"]}, now=at(2))
+    db.jobs.complete(job.job_id, "w", result={"paths": ["results/s/1.1-seg.dcm"]}, now=at(2))
     finish(db, now=at(3))
-    db.mark_study_reported(STUDY, 1, now=at(10))
+    db.studies.mark_study_reported(STUDY, 1, now=at(10))
     shared = add_send(db, "1.5.1")
-    db.mark_sent(shared, now=at(11))
-    db.add_send(
+    db.sends.mark_sent(shared, now=at(11))
+    db.sends.add_send(
         destination="archive",
         object_path=f"results/{STUDY}/1.5.1.dcm",
         sop_class_uid=SR,
@@ -713,7 +884,7 @@ def test_purge_done_before_removes_reported_rows_and_returns_their_files(db: Dat
         now=at(11),
     )
     done_send = add_send(db, "1.5.9")
-    db.mark_sent(done_send, now=at(12))
+    db.sends.mark_sent(done_send, now=at(12))
 
     assert db.purge_done_before(at(0)) == []
     paths = db.purge_done_before(at(100))
@@ -725,17 +896,17 @@ def test_purge_done_before_removes_reported_rows_and_returns_their_files(db: Dat
             f"results/{STUDY}/1.5.9.dcm",  # 1.5.1 is still pending to "archive"
         ]
     )
-    assert db.study_jobs(STUDY) == []
-    assert len(db.study_jobs("1.2.3.4")) == 1
-    assert db.get_study(STUDY).report_version == 1  # the study row stays
+    assert db.jobs.study_jobs(STUDY) == []
+    assert len(db.jobs.study_jobs("1.2.3.4")) == 1
+    assert db.studies.get_study(STUDY).report_version == 1  # the study row stays
     with pytest.raises(SendNotFoundError):
-        db.get_send(done_send)
+        db.sends.get_send(done_send)
 
 
 def test_methods_refuse_naive_datetimes(db: Database) -> None:
     naive = dt.datetime(2026, 1, 1)
     with pytest.raises(ValueError, match="now"):
-        db.claim("w", lease_seconds=1, now=naive)
+        db.jobs.claim("w", lease_seconds=1, now=naive)
     with pytest.raises(ValueError, match="cutoff"):
         db.purge_done_before(naive)
 
@@ -771,53 +942,13 @@ def test_open_refuses_a_database_with_a_newer_schema_version(tmp_path: Path) -> 
         open_database(db_url(tmp_path))
 
 
-def test_open_migrates_an_older_schema_with_the_registered_steps(tmp_path: Path) -> None:
+def test_open_refuses_a_database_with_an_older_schema_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     open_database(db_url(tmp_path)).close()
-    calls: list[int] = []
-
-    def add_priority(conn: Connection) -> None:
-        calls.append(2)
-        conn.execute(text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"))
-
-    steps = [Migration(version=2, description="jobs.priority", apply=add_priority)]
-    database = open_database(db_url(tmp_path), migrations=steps, schema_target=2)
-    with database.engine.connect() as con:
-        columns = {c["name"] for c in inspect(con).get_columns("jobs")}
-        version = con.execute(text("SELECT version FROM schema_version")).scalar()
-    database.close()
-    assert calls == [2] and "priority" in columns and version == 2
-
-    # Opening it again at version 2 runs nothing; the version-1 code now refuses it.
-    open_database(db_url(tmp_path), migrations=steps, schema_target=2).close()
-    assert calls == [2]
-    with pytest.raises(SchemaVersionError, match="newer"):
+    monkeypatch.setattr(storage.database, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(SchemaVersionError, match=r"schema version 1, older than version 2"):
         open_database(db_url(tmp_path))
-
-
-def test_a_failing_migration_leaves_the_database_at_its_old_version(tmp_path: Path) -> None:
-    open_database(db_url(tmp_path)).close()
-
-    def broken(conn: Connection) -> None:
-        conn.execute(text("ALTER TABLE jobs ADD COLUMN priority INTEGER"))
-        raise RuntimeError("step failed half-way")
-
-    steps = [Migration(version=2, description="broken", apply=broken)]
-    with pytest.raises(RuntimeError, match="half-way"):
-        open_database(db_url(tmp_path), migrations=steps, schema_target=2)
-    with sqlite3.connect(tmp_path / "node.db") as con:
-        assert con.execute("SELECT version FROM schema_version").fetchone() == (1,)
-        columns = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
-    assert "priority" not in columns
-
-
-def test_migration_steps_must_cover_every_version_in_order(tmp_path: Path) -> None:
-    def noop(conn: Connection) -> None:
-        return None
-
-    with pytest.raises(ValueError, match="versions"):
-        open_database(db_url(tmp_path), migrations=[Migration(3, "x", noop)], schema_target=3)
-    with pytest.raises(ValueError, match="version must be >= 2"):
-        Migration(1, "baseline", noop)
 
 
 def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
@@ -853,5 +984,34 @@ def test_prepare_schema_refuses_an_empty_database_without_create(tmp_path: Path)
 def test_in_memory_database_works_for_quick_use() -> None:
     database = open_database("sqlite://", policy=policy())
     assert enqueue(database, "1.1").outcome == "new"
-    assert database.claim("w", lease_seconds=5, now=at(1)) is not None
+    assert database.jobs.claim("w", lease_seconds=5, now=at(1)) is not None
     database.close()
+
+
+def test_the_database_handle_exposes_the_aggregates_not_their_methods(db: Database) -> None:
+    assert (type(db.jobs), type(db.studies), type(db.sends)) == (Jobs, Studies, Sends)
+    for name in ("enqueue_image", "claim", "due_studies", "add_send", "get_job"):
+        assert not hasattr(db, name)
+
+
+def test_snapshots_are_frozen(db: Database) -> None:
+    job_id = enqueue(db, "1.1").job_id
+    claimed = db.jobs.claim("w", lease_seconds=5, now=at(1))
+    send_id = add_send(db)
+    for snapshot in (
+        claimed,
+        db.jobs.get_job(job_id),
+        db.studies.get_study(STUDY),
+        db.sends.get_send(send_id),
+    ):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            snapshot.state = "x"  # type: ignore[misc, union-attr]
+
+
+def test_pending_by_destination_counts_pending_sends(db: Database) -> None:
+    add_send(db, "1.5.1")
+    add_send(db, "1.5.2")
+    sent = add_send(db, "1.5.1", destination="archive")
+    db.sends.mark_sent(sent, now=at(1))
+    add_send(db, "1.5.3", destination="archive")
+    assert db.sends.pending_by_destination() == {"pacs": 2, "archive": 1}

@@ -1,0 +1,430 @@
+"""The node's database: engine, transactions, schema check, and the aggregates' handle.
+
+One :class:`Database` object per process (it owns an engine and a connection pool; it is
+safe to share between threads). Open it with :func:`open_database`. It holds no queue
+logic itself; it exposes the three aggregates, each in its own module:
+
+``db.jobs`` (:class:`storage.jobs.Jobs`)
+    Received instances and their processing jobs: receive/enqueue, atomic claim,
+    lease, complete, fail, retry.
+``db.studies`` (:class:`storage.studies.Studies`)
+    Study rows: quiet/due detection, report versions.
+``db.sends`` (:class:`storage.sends.Sends`)
+    Outbound C-STOREs of produced objects: queue, due, outcome, retry.
+
+Every public method of an aggregate runs in its own committed transaction
+(:meth:`Database.transaction`): when it returns, the change is durable.
+
+SQLite (the default) is opened in WAL mode with ``synchronous=FULL`` (a commit survives
+power loss), a busy timeout and foreign keys on. Every transaction starts with
+``BEGIN IMMEDIATE``, so writers queue on SQLite's write lock (waiting up to the busy
+timeout) instead of failing when a read transaction tries to upgrade; together with the
+single ``UPDATE … WHERE id = (SELECT …) RETURNING`` of :meth:`storage.jobs.Jobs.claim`,
+two workers — threads or processes — never claim the same job. On PostgreSQL the claim's
+sub-select takes ``FOR UPDATE SKIP LOCKED``.
+
+Schema version
+--------------
+The database is created from the models (``create_all``) and stamped with
+:data:`storage.models.SCHEMA_VERSION`; opening checks the stamp and refuses any other
+version, or a file that is not a calcnode database, with
+:class:`~storage.errors.SchemaVersionError`. There is no migration machinery: adopt
+Alembic when the first real migration is needed.
+
+Times are timezone-aware UTC datetimes. Every method that depends on the time takes an
+optional keyword ``now`` (tests inject it); otherwise the database's clock is used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, insert, inspect, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from storage import jobs, sends, studies
+from storage.common import check_int, check_seconds, check_time
+from storage.errors import SchemaVersionError, StorageError
+from storage.models import APPLICATION_NAME, SCHEMA_VERSION, Base, SchemaVersion, utcnow
+from storage.policy import QueuePolicy
+
+__all__ = ["Database", "open_database", "prepare_schema", "read_schema_version"]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _is_memory_sqlite(database: str | None) -> bool:
+    return not database or database == ":memory:" or "mode=memory" in database
+
+
+def _make_engine(url: str, *, create: bool, busy_timeout_seconds: float) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+
+    database = parsed.database
+    kwargs: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {"timeout": busy_timeout_seconds}
+    memory = _is_memory_sqlite(database)
+    if memory:
+        # One shared connection, or every connection would see its own empty database.
+        kwargs["poolclass"] = StaticPool
+        connect_args["check_same_thread"] = False
+    elif database is not None and not database.startswith("file:"):
+        path = Path(database)
+        if not path.exists():
+            if not create:
+                raise SchemaVersionError(
+                    f"database file {path} does not exist (create=False): no calcnode schema"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+    busy_ms = int(busy_timeout_seconds * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the sqlite3 module, so BEGIN is ours (below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock now (waiting up to the busy timeout), so a
+        # transaction never fails later when its first write would upgrade a read lock.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _display_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def read_schema_version(connection: Connection) -> int | None:
+    """Return the database's stamped schema version, or ``None`` for an empty database.
+
+    Raises
+    ------
+    SchemaVersionError
+        When the database has tables but is not a calcnode database (no or a foreign
+        ``schema_version`` table, or not the single row it should hold).
+    """
+    tables = set(inspect(connection).get_table_names())
+    if not tables:
+        return None
+    if "schema_version" not in tables:
+        shown = ", ".join(sorted(tables)[:8])
+        raise SchemaVersionError(
+            f"not a calcnode database: it has tables ({shown}) but no schema_version table"
+        )
+    try:
+        rows = connection.execute(select(SchemaVersion.application, SchemaVersion.version)).all()
+    except DatabaseError as exc:
+        raise SchemaVersionError(
+            f"not a calcnode database: its schema_version table is unreadable ({exc.orig})"
+        ) from exc
+    if len(rows) != 1:
+        raise SchemaVersionError(
+            f"not a calcnode database: schema_version holds {len(rows)} rows, expected 1"
+        )
+    application, version = rows[0]
+    if application != APPLICATION_NAME:
+        raise SchemaVersionError(
+            f"not a calcnode database: schema_version names application {application!r}"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SchemaVersionError(f"not a calcnode database: schema version {version!r}")
+    return version
+
+
+def prepare_schema(engine: Engine, *, create: bool = True) -> int:
+    """Create the schema of an empty database, or check the version of an existing one.
+
+    Parameters
+    ----------
+    engine : Engine
+        The database.
+    create : bool
+        Create the tables in an empty database (else an empty database is refused).
+
+    Returns
+    -------
+    int
+        The version the database had (0 for a database created now).
+
+    Raises
+    ------
+    SchemaVersionError
+        The database has another schema version than :data:`SCHEMA_VERSION` (newer:
+        upgrade calcnode; older: no upgrade path exists), is not a calcnode database,
+        or is empty while ``create`` is false.
+    """
+    with engine.begin() as conn:
+        found = read_schema_version(conn)
+        if found is None:
+            if not create:
+                raise SchemaVersionError(
+                    "the database is empty (no calcnode schema) and create=False"
+                )
+            Base.metadata.create_all(conn)
+            conn.execute(
+                insert(SchemaVersion).values(
+                    id=1, application=APPLICATION_NAME, version=SCHEMA_VERSION, updated_at=utcnow()
+                )
+            )
+            logger.info("created database schema version %d", SCHEMA_VERSION)
+            return 0
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the database has schema version {found}, newer than version "
+                f"{SCHEMA_VERSION} that this calcnode understands: upgrade calcnode (or "
+                "point it at another database); refusing to open it"
+            )
+        if found < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the database has schema version {found}, older than version "
+                f"{SCHEMA_VERSION} that this calcnode uses, and this calcnode has no "
+                "upgrade from it; refusing to open it"
+            )
+        return found
+
+
+# --------------------------------------------------------------------------- open
+
+
+def open_database(
+    url: str,
+    *,
+    create: bool = True,
+    policy: QueuePolicy | None = None,
+    busy_timeout_seconds: float = 30.0,
+    clock: Callable[[], dt.datetime] | None = None,
+) -> Database:
+    """Open (and create, or check the schema version of) the node's database.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL, e.g. ``"sqlite:////var/lib/calcnode/node.db"`` or
+        ``"postgresql://user@host/calcnode"``. ``"sqlite://"`` is an in-memory database
+        (tests only: one connection, no WAL).
+    create : bool
+        Create the file and schema when the database is empty; else refuse it.
+    policy : QueuePolicy or None
+        Retry policy; the defaults of :class:`QueuePolicy` when ``None``.
+    busy_timeout_seconds : float
+        How long a transaction waits for SQLite's write lock before failing.
+    clock : callable or None
+        Returns the current aware UTC datetime; :func:`storage.models.utcnow` when None.
+
+    Returns
+    -------
+    Database
+
+    Raises
+    ------
+    SchemaVersionError
+        The database has another schema version, is not a calcnode database (including
+        a file that is not a database at all), or is missing/empty while ``create`` is
+        false.
+    """
+    if not isinstance(url, str) or not url:
+        raise TypeError(f"url must be a non-empty str, got {url!r}")
+    check_seconds("busy_timeout_seconds", busy_timeout_seconds)
+    if policy is not None and not isinstance(policy, QueuePolicy):
+        raise TypeError(f"policy must be a QueuePolicy, got {type(policy).__name__}")
+    engine = _make_engine(url, create=create, busy_timeout_seconds=busy_timeout_seconds)
+    try:
+        prepare_schema(engine, create=create)
+    except DatabaseError as exc:
+        engine.dispose()
+        raise SchemaVersionError(
+            f"{_display_url(url)} is not a calcnode database: {exc.orig}"
+        ) from exc
+    except BaseException:
+        engine.dispose()
+        raise
+    logger.info("opened database %s", _display_url(url))
+    return Database(engine, policy=policy, clock=clock)
+
+
+# --------------------------------------------------------------------------- handle
+
+
+class Database:
+    """The handle of the node's durable state: the engine and the three aggregates.
+
+    Use :func:`open_database` to make one; one per process, shared by its threads. A
+    ``Database`` inherited through ``fork`` notices the new process id and opens fresh
+    connections (it never reuses the parent's).
+
+    Parameters
+    ----------
+    engine : Engine
+        An engine whose schema :func:`prepare_schema` has checked.
+    policy : QueuePolicy or None
+        Retry policy of jobs and sends.
+    clock : callable or None
+        Returns the current aware UTC datetime.
+
+    Attributes
+    ----------
+    jobs : storage.jobs.Jobs
+        Received instances and their jobs.
+    studies : storage.studies.Studies
+        Study rows and report versions.
+    sends : storage.sends.Sends
+        Outbound C-STOREs.
+    policy : QueuePolicy
+        The retry policy the aggregates apply.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        policy: QueuePolicy | None = None,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be an sqlalchemy Engine, got {type(engine).__name__}")
+        if policy is not None and not isinstance(policy, QueuePolicy):
+            raise TypeError(f"policy must be a QueuePolicy, got {type(policy).__name__}")
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be callable")
+        self._engine = engine
+        self.policy = policy if policy is not None else QueuePolicy()
+        self._clock = clock if clock is not None else utcnow
+        self._pid = os.getpid()
+        self._serial: threading.Lock | None = (
+            threading.Lock() if engine.dialect.name == "sqlite" else None
+        )
+        self.jobs = jobs.Jobs(self)
+        self.studies = studies.Studies(self)
+        self.sends = sends.Sends(self)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for diagnostics; use the aggregates to change state)."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def now(self, now: dt.datetime | None = None) -> dt.datetime:
+        """``now`` checked (aware, in UTC), or the clock's time when ``None``."""
+        return check_time("now", self._clock() if now is None else now)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction, committed on exit (rolled back on an error).
+
+        Raises
+        ------
+        StorageError
+            The database failed (locked past the busy timeout, disk I/O error, ...).
+        """
+        if os.getpid() != self._pid:
+            # Forked: the parent's connections must not be used (nor closed) here, and a
+            # lock another parent thread held at the fork would stay locked forever.
+            self._engine.dispose(close=False)
+            self._serial = threading.Lock() if self._serial is not None else None
+            self._pid = os.getpid()
+        try:
+            # Threads of this process queue on a Python lock (a prompt hand-over) rather
+            # than on SQLite's busy handler, which sleeps in growing steps; other
+            # processes still meet at SQLite's write lock.
+            with (
+                self._serial if self._serial is not None else nullcontext(),
+                Session(self._engine, expire_on_commit=False) as session,
+                session.begin(),
+            ):
+                yield session
+        except OperationalError as exc:
+            raise StorageError(f"database operation failed: {exc.orig}") from exc
+
+    # ------------------------------------------------------------------ across aggregates
+
+    def status_summary(self, *, recent_errors: int = 10) -> dict[str, Any]:
+        """Counts and recent errors for health checks and ``calcnode status``.
+
+        No patient data: states, counts, job/send ids, UIDs, times and error texts.
+
+        Returns
+        -------
+        dict
+            ``{"jobs": {state: n}, "sends": {state: n}, "studies": {state: n},
+            "recent_errors": [{"kind", "id", "uid", "state", "attempts", "at",
+            "error"}, ...]}``, errors newest first, texts cut to 300 characters.
+        """
+        check_int("recent_errors", recent_errors, minimum=0)
+        with self.transaction() as s:
+            summary: dict[str, Any] = {
+                "jobs": jobs.state_counts(s),
+                "sends": sends.state_counts(s),
+                "studies": studies.state_counts(s),
+            }
+            errors = jobs.recent_errors(s, recent_errors) + sends.recent_errors(s, recent_errors)
+        errors.sort(key=lambda e: e["at"], reverse=True)
+        summary["recent_errors"] = errors[:recent_errors]
+        return summary
+
+    def purge_done_before(self, cutoff: dt.datetime, *, include_failed: bool = False) -> list[str]:
+        """Retention: delete old finished rows and return the files to remove.
+
+        In one transaction: :func:`storage.jobs.purge_finished` (jobs ``done``, and
+        ``failed`` with ``include_failed``, last updated before ``cutoff`` whose study is
+        ``reported``) and :func:`storage.sends.purge_sent` (sends ``sent`` before
+        ``cutoff``). Study rows stay (they hold only UIDs and the report version, so a
+        late image gets the next version).
+
+        Returns
+        -------
+        list of str
+            Sorted, de-duplicated paths relative to the store root: the purged jobs'
+            images, the paths listed in their ``result["paths"]``, and the purged sends'
+            objects that no remaining send refers to. Remove them with
+            ``FileStore.remove``; then ``FileStore.purge_empty_dirs``.
+        """
+        cutoff = check_time("cutoff", cutoff)
+        with self.transaction() as s:
+            job_paths, job_count = jobs.purge_finished(s, cutoff, include_failed=include_failed)
+            send_paths, send_count = sends.purge_sent(s, cutoff)
+        logger.info(
+            "retention: purged %d job(s) and %d send(s) finished before %s",
+            job_count,
+            send_count,
+            cutoff.isoformat(),
+        )
+        return sorted(job_paths | send_paths)
