@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         StudySettings,
         WorkerSettings,
     )
-    from storage.queue import open_database
+    from storage.database import open_database
 
     work = Path(tempfile.mkdtemp(prefix="calcnode-bench-"))
     model_kind = "given"
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 tid = tid or pacs.first(TID1500, study)
                 time.sleep(0.1)
             database = open_database(settings.storage.database_url, create=False)
-            jobs = database.study_jobs(study)
+            jobs = database.jobs.study_jobs(study)
             database.close()
             record = {
                 "study_instance_uid": study,

@@ -49,8 +49,8 @@ from node.settings import (  # noqa: E402
     Settings,
     StorageSettings,
 )
+from storage.database import open_database  # noqa: E402
 from storage.filestore import FileStore  # noqa: E402
-from storage.queue import open_database  # noqa: E402
 from tests.factories import make_mg_dataset  # noqa: E402
 
 logger = logging.getLogger("bench.ingest")

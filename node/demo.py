@@ -32,6 +32,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    MammographyCADSRStorage,
+    SegmentationStorage,
+)
+
 from node.errors import CalcnodeError
 
 __all__ = ["run_demo", "write_untrained_model"]
@@ -93,12 +100,13 @@ class _Receiver:
 
     def start(self) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax)
-        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        ae.add_supported_context(Verification)
 
         def on_store(event: Any) -> int:
             ds = event.dataset
@@ -129,10 +137,10 @@ class _Receiver:
 def _object_name(ds: Any) -> str:
     sop_class = str(ds.SOPClassUID)
     return {
-        "1.2.840.10008.5.1.4.1.1.88.50": "CAD SR",
-        "1.2.840.10008.5.1.4.1.1.88.33": "TID 1500 SR",
-        "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
-        "1.2.840.10008.5.1.4.1.1.11.1": "GSPS",
+        MammographyCADSRStorage: "CAD SR",
+        ComprehensiveSRStorage: "TID 1500 SR",
+        SegmentationStorage: "SEG",
+        GrayscaleSoftcopyPresentationStateStorage: "GSPS",
     }.get(sop_class, str(ds.Modality))
 
 
@@ -212,7 +220,7 @@ def run_demo(
         StudySettings,
         WorkerSettings,
     )
-    from storage.queue import open_database
+    from storage.database import open_database
 
     out = Path(out)
     marker = out / DEMO_MARKER
@@ -316,7 +324,11 @@ def run_demo(
                     break
                 time.sleep(1.0)
             elapsed = time.monotonic() - started
-            jobs = {uid: database.study_jobs(uid) for uid in studies if database.study_jobs(uid)}
+            jobs = {
+                uid: database.jobs.study_jobs(uid)
+                for uid in studies
+                if database.jobs.study_jobs(uid)
+            }
         finally:
             database.close()
 

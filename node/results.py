@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from cascade.inference.detector import ImageDetections
 from node.reports.common import Provenance
 from node.settings import Settings
-from storage.queue import Database
+from storage.database import Database
 
 __all__ = ["JobResult", "ResultObject", "encode_dataset", "queue_sends"]
 
@@ -206,7 +206,7 @@ def queue_sends(
         for obj in objects:
             if obj.kind not in kinds:
                 continue
-            database.add_send(
+            database.sends.add_send(
                 destination=dest.name,
                 object_path=obj.path,
                 sop_class_uid=obj.sop_class_uid,

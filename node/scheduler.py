@@ -50,9 +50,11 @@ from node.identity import series_uid_for
 from node.reports.common import MG_SOP_CLASS_UIDS, Provenance
 from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
+from storage.database import Database
 from storage.filestore import FileStore
+from storage.jobs import JobInfo
 from storage.models import utcnow
-from storage.queue import Database, JobInfo, StudyDue
+from storage.studies import StudyDue
 
 __all__ = [
     "STUDY_KINDS",
@@ -169,7 +171,7 @@ def report_study(
     from node.reports.tid1500 import build_tid1500_sr
 
     uid = due.study_instance_uid
-    jobs = database.study_jobs(uid)
+    jobs = database.jobs.study_jobs(uid)
     results = _results_of(jobs)
     pairs, left_out = _study_pairs(store, jobs, results)
     for job in left_out:
@@ -225,7 +227,7 @@ def report_study(
     objects = made + [obj for result in results.values() for obj in result.objects]
     when = _now(now)
     queued = queue_sends(database, settings, uid, objects, now=when)
-    database.mark_study_reported(uid, due.version, generation=due.generation, now=when)
+    database.studies.mark_study_reported(uid, due.version, generation=due.generation, now=when)
     logger.info(
         "study %s: report version %d, %d image(s), %d object(s) made, %d send(s) ensured",
         uid,
@@ -254,7 +256,7 @@ def complete_studies(
     """
     when = _now(now)
     try:
-        due = database.due_studies(quiet_seconds=settings.study.quiet_seconds, now=when)
+        due = database.studies.due_studies(quiet_seconds=settings.study.quiet_seconds, now=when)
     except Exception:
         logger.exception("study completion: cannot list due studies")
         return 0
@@ -301,7 +303,7 @@ def send_results(
 def recover_leases(database: Database, *, now: dt.datetime | None = None) -> list[int]:
     """Return jobs whose worker died or hung to the queue (or fail them); ids recovered."""
     try:
-        return database.recover_expired_leases(now=now)
+        return database.jobs.recover_expired_leases(now=now)
     except Exception:
         logger.exception("lease recovery failed")
         return []

@@ -23,7 +23,8 @@ handler returns, so the order in the handler is the durability contract:
 4. the file, written as received (no re-encoding) through
    :meth:`storage.filestore.FileStore.write_atomic` (temporary file, fsync, rename,
    directory fsync) → a full disk during the write is 0xA700;
-5. the job, committed by :meth:`storage.queue.Database.enqueue_image`;
+5. the job: steps 4 and 5 are one call, :meth:`storage.jobs.Jobs.receive`, which
+   decides new / duplicate / replacement from the digest before writing;
 6. only then 0x0000. A failure after step 4 removes the file just written (no orphan
    file, no job pointing at a missing file) and answers 0xC211 (0xA700 for a full
    disk). No inference happens here: the worker does that from the queue.
@@ -44,10 +45,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, BinaryIO
@@ -87,9 +85,10 @@ from cascade.data.io import (
 )
 from cascade.errors import InvalidImageError
 from node.settings import Settings
+from storage.database import Database
 from storage.errors import DiskFullError
-from storage.filestore import FileStore, StoredFile
-from storage.queue import Database, EnqueueResult
+from storage.filestore import FileStore
+from storage.intake import EnqueueResult
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
@@ -369,8 +368,6 @@ class StorageSCP:
         self._calling = frozenset(settings.node.allowed_calling_aets)
         self._ae: AE | None = None
         self._server: Any = None
-        self._locks_guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
         logging.getLogger("pynetdicom").setLevel(settings.logging.pynetdicom_level)
 
     # ------------------------------------------------------------------ lifecycle
@@ -554,23 +551,6 @@ class StorageSCP:
 
     # ------------------------------------------------------------------ C-STORE
 
-    @contextmanager
-    def _instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
-        """Serialise concurrent stores of one SOP instance (two associations, one UID)."""
-        with self._locks_guard:
-            lock, users = self._locks.get(sop_instance_uid, (threading.Lock(), 0))
-            self._locks[sop_instance_uid] = (lock, users + 1)
-        try:
-            with lock:
-                yield
-        finally:
-            with self._locks_guard:
-                lock, users = self._locks[sop_instance_uid]
-                if users <= 1:
-                    del self._locks[sop_instance_uid]
-                else:
-                    self._locks[sop_instance_uid] = (lock, users - 1)
-
     def _on_store(self, event: evt.Event) -> Dataset:
         request = event.request
         sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip() or "?"
@@ -626,7 +606,7 @@ class StorageSCP:
         series_uid = str(ds.SeriesInstanceUID).strip()
         calling = str(event.assoc.requestor.ae_title).strip()
 
-        # 4. + 5. File, then job; one SOP instance at a time.
+        # 4. + 5. File, then job: storage decides new / duplicate / replacement.
         def write(fh: BinaryIO) -> None:
             fh.write(_PREAMBLE)
             fh.write(meta_bytes)
@@ -638,28 +618,20 @@ class StorageSCP:
         digest.update(stream.getbuffer())
         content_digest = digest.hexdigest()
 
-        with self._instance_lock(sop_uid):
-            stored, wrote = self._write(
-                study_uid, series_uid, sop_uid, write, size=size, digest=content_digest
+        try:
+            return self._database.jobs.receive(
+                self._store,
+                sop_instance_uid=sop_uid,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                sop_class_uid=sop_class,
+                data=write,
+                digest=content_digest,
+                size=size,
+                calling_aet=calling[:16],
             )
-            try:
-                result = self._database.enqueue_image(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    sop_class_uid=sop_class,
-                    path=stored.relpath,
-                    digest=stored.digest,
-                    size=stored.size,
-                    calling_aet=calling[:16],
-                )
-            except BaseException:
-                if wrote:
-                    self._remove_quietly(stored.relpath, sop_uid)
-                raise
-            if result.obsolete_path is not None:
-                self._remove_quietly(result.obsolete_path, sop_uid)
-        return result
+        except DiskFullError as exc:
+            raise _RefusedError(STATUS_OUT_OF_RESOURCES, "out of disk space") from exc
 
     def _checked_header(
         self,
@@ -703,61 +675,6 @@ class StorageSCP:
         finally:
             stream.seek(0)
         return ds
-
-    def _write(
-        self,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        write: Any,
-        *,
-        size: int,
-        digest: str,
-    ) -> tuple[StoredFile, bool]:
-        """Write the instance; returns the stored file and whether this call wrote it.
-
-        The usual path is ``instances/<study>/<series>/<sop>.dcm``. When a file is
-        already there (a re-send), identical bytes are not written again; different
-        bytes go to ``<sop>.<digest prefix>`` so that the earlier file — which a job may
-        still point at — survives until the database has switched over.
-        """
-        relpath = self._store.instance_path(study_uid, series_uid, sop_uid)
-        target = self._store.root / relpath
-        if target.is_file():
-            existing = _file_digest(target) if target.stat().st_size == size else None
-            if existing == digest:
-                return (
-                    StoredFile(relpath=relpath.as_posix(), path=target, digest=digest, size=size),
-                    False,
-                )
-            relpath = self._store.instance_path(
-                study_uid, series_uid, sop_uid, suffix="." + digest[:16]
-            )
-        try:
-            stored = self._store.write_atomic(relpath, write, expected_size=size)
-        except DiskFullError as exc:
-            raise _RefusedError(STATUS_OUT_OF_RESOURCES, "out of disk space") from exc
-        if stored.digest != digest:  # pragma: no cover - would be a bug or bad memory
-            self._remove_quietly(stored.relpath, sop_uid)
-            raise RuntimeError(f"digest of the written file of {sop_uid} does not match")
-        return stored, True
-
-    def _remove_quietly(self, relpath: str, sop_uid: str) -> None:
-        try:
-            self._store.remove(relpath)
-        except (OSError, ValueError) as exc:
-            logger.warning("could not remove %s (SOP Instance %s): %s", relpath, sop_uid, exc)
-
-
-def _file_digest(path: Any) -> str | None:
-    hasher = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                hasher.update(chunk)
-    except OSError:
-        return None
-    return hasher.hexdigest()
 
 
 def _addr(assoc: Any) -> str:

@@ -1,9 +1,9 @@
 """The node's sending side: C-STORE of produced objects to the configured destinations.
 
 :func:`send_file` stores one file on one peer; :func:`send_due` works through the
-queue's due sends (:meth:`storage.queue.Database.due_sends`), one association per
-destination, and records each outcome: :meth:`~storage.queue.Database.mark_sent` or
-:meth:`~storage.queue.Database.mark_send_failed` (which schedules the next try with
+queue's due sends (:meth:`storage.sends.Sends.due_sends`), one association per
+destination, and records each outcome: :meth:`~storage.sends.Sends.mark_sent` or
+:meth:`~storage.sends.Sends.mark_send_failed` (which schedules the next try with
 the queue's back-off, or gives up after ``send_max_attempts``).
 
 Status policy (PS3.4 B.2.3):
@@ -39,9 +39,10 @@ from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from node.settings import DestinationSettings, Settings
+from storage.database import Database
 from storage.errors import StorageError
 from storage.filestore import FileStore
-from storage.queue import Database, SendInfo
+from storage.sends import SendInfo
 
 __all__ = ["WARNING_STATUSES", "SendOutcome", "send_due", "send_file", "send_files"]
 
@@ -302,9 +303,9 @@ def _record(
                     send.destination,
                     outcome.message,
                 )
-            database.mark_sent(send.send_id, status=status, now=now)
+            database.sends.mark_sent(send.send_id, status=status, now=now)
             return True
-        state = database.mark_send_failed(
+        state = database.sends.mark_send_failed(
             send.send_id, error=outcome.message, status=outcome.status, now=now
         )
         logger.warning(
@@ -331,7 +332,7 @@ def _fail_for_good(
         message,
     )
     try:
-        database.mark_send_failed(send.send_id, error=message, retry=False, now=now)
+        database.sends.mark_send_failed(send.send_id, error=message, retry=False, now=now)
     except (StorageError, ValueError) as exc:
         logger.error("send %d: could not record its failure: %s", send.send_id, exc)
 
@@ -376,7 +377,7 @@ def send_due(
     if not isinstance(settings, Settings):
         raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
     logging.getLogger("pynetdicom").setLevel(settings.logging.pynetdicom_level)
-    due = database.due_sends(now=now, limit=limit)
+    due = database.sends.due_sends(now=now, limit=limit)
     if not due:
         return 0
     destinations = {d.name: d for d in settings.destinations}

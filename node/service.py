@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 #: How long :func:`serve` waits for workers to finish their image on shutdown.
 STOP_TIMEOUT_SECONDS = 60.0
 
+
 # --------------------------------------------------------------------------- serve
 def serve(
     settings: Settings,
@@ -182,8 +183,8 @@ def _open_existing(settings: Settings) -> Any:
     service (user ``calcnode``) then cannot write.
     """
     from node.stores import queue_policy
+    from storage.database import open_database
     from storage.errors import SchemaVersionError
-    from storage.queue import open_database
 
     try:
         return open_database(
@@ -283,8 +284,8 @@ def retry_job(settings: Settings, job_id: int) -> dict[str, Any]:
         raise TypeError(f"job_id must be an int, got {type(job_id).__name__}")
     database = _open_existing(settings)
     try:
-        database.retry_job(job_id)
-        job = database.get_job(job_id)
+        database.jobs.retry_job(job_id)
+        job = database.jobs.get_job(job_id)
     finally:
         database.close()
     return {

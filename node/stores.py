@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from node.settings import Settings
+from storage.database import Database, open_database
 from storage.filestore import FileStore
-from storage.queue import Database, QueuePolicy, open_database
+from storage.policy import QueuePolicy
 
 __all__ = ["open_storage", "queue_policy"]
 

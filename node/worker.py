@@ -63,9 +63,10 @@ from node.reports.common import Provenance
 from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
 from node.stores import open_storage
+from storage.database import Database
 from storage.errors import LeaseLostError, StorageError
 from storage.filestore import FileStore
-from storage.queue import ClaimedJob, Database
+from storage.jobs import ClaimedJob
 
 __all__ = ["PER_IMAGE_KINDS", "Worker", "run_worker"]
 
@@ -104,7 +105,7 @@ class _Heartbeat:
         interval = max(self._lease / 3.0, 0.05)
         while not self._stop.wait(interval):
             try:
-                self._database.extend_lease(
+                self._database.jobs.extend_lease(
                     self._job_id, self._worker_id, lease_seconds=self._lease
                 )
             except LeaseLostError:
@@ -294,7 +295,7 @@ class Worker:
             text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-6:])
             return self._fail(job, text, retry=True)
         try:
-            self.database.complete(job.job_id, self.worker_id, result=result.to_json())
+            self.database.jobs.complete(job.job_id, self.worker_id, result=result.to_json())
         except LeaseLostError:
             logger.warning("job %d: lease lost before completion; result discarded", job.job_id)
             self._remove(list(result.paths))
@@ -313,7 +314,7 @@ class Worker:
 
     def _fail(self, job: ClaimedJob, error: str, *, retry: bool) -> str:
         try:
-            return self.database.fail(job.job_id, self.worker_id, error=error, retry=retry)
+            return self.database.jobs.fail(job.job_id, self.worker_id, error=error, retry=retry)
         except LeaseLostError:
             logger.warning("job %d: lease lost before the failure was recorded", job.job_id)
             return "lost"
@@ -321,7 +322,9 @@ class Worker:
     # -- the loop ----------------------------------------------------------------
     def run_once(self) -> str | None:
         """Claim and handle one job; None when the queue has nothing due."""
-        job = self.database.claim(self.worker_id, lease_seconds=self.settings.worker.lease_seconds)
+        job = self.database.jobs.claim(
+            self.worker_id, lease_seconds=self.settings.worker.lease_seconds
+        )
         if job is None:
             return None
         return self.handle(job)

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from conftest import make_settings, write_tiny_model
 
 from cascade.errors import CheckpointError
 from cascade.evaluation.operating_point import OperatingPoint, calibrate_operating_point
@@ -34,6 +33,7 @@ from cascade.models.checkpoint import checkpoint_sha256
 from node.errors import ConfigError
 from node.model import load_detector, model_weights, operating_point
 from node.settings import ModelSettings, Settings, load_settings
+from tests.helpers import make_settings, write_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "calcnode.toml"

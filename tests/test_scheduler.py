@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import FakeDetector, Receiver, make_settings, make_worker, receive
 from factories import make_mg_dataset
 
 from node.identity import series_uid_for
@@ -22,6 +21,7 @@ from node.scheduler import (
 )
 from node.settings import DestinationSettings
 from storage.models import utcnow
+from tests.helpers import FakeDetector, Receiver, make_settings, make_worker, receive
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -61,9 +61,9 @@ def test_study_is_reported_only_after_the_quiet_period(tmp_path: Path) -> None:
 
     at = lambda s: t0 + dt.timedelta(seconds=s)  # noqa: E731
     assert complete_studies(worker.database, worker.store, settings, now=at(29.0)) == 0
-    assert worker.database.get_study(ds.StudyInstanceUID).state == "open"
+    assert worker.database.studies.get_study(ds.StudyInstanceUID).state == "open"
     assert complete_studies(worker.database, worker.store, settings, now=at(31.0)) == 1
-    study = worker.database.get_study(ds.StudyInstanceUID)
+    study = worker.database.studies.get_study(ds.StudyInstanceUID)
     assert (study.state, study.report_version) == ("reported", 1)
     # Reported once: the next check makes nothing new.
     assert complete_studies(worker.database, worker.store, settings, now=at(60.0)) == 0
@@ -74,7 +74,7 @@ def test_study_is_reported_only_after_the_quiet_period(tmp_path: Path) -> None:
     assert summary_code(cad) == "111242"  # with findings
     assert cad.StudyInstanceUID == ds.StudyInstanceUID
     assert cad.SeriesInstanceUID == series_uid_for(ds.StudyInstanceUID, "cad-sr")
-    kinds = sorted(s.kind for s in worker.database.due_sends(now=at(61.0)))
+    kinds = sorted(s.kind for s in worker.database.sends.due_sends(now=at(61.0)))
     assert kinds == ["cad-sr", "gsps", "seg", "tid1500-sr"]
 
 
@@ -118,7 +118,7 @@ def test_study_without_findings_still_gets_its_cad_sr(tmp_path: Path) -> None:
     assert library_size(cad) == 1
     assert len(srs[COMPREHENSIVE_SR]) == 1
     # No SEG for an empty mask; the GSPS (no graphics) and both SRs are sent.
-    kinds = sorted(s.kind for s in worker.database.due_sends())
+    kinds = sorted(s.kind for s in worker.database.sends.due_sends())
     assert "seg" not in kinds
     assert {"cad-sr", "tid1500-sr"} <= set(kinds)
 
@@ -133,11 +133,11 @@ def test_new_image_after_the_report_makes_version_two_in_the_same_series(tmp_pat
 
     late = make_mg_dataset(view="MLO", study_uid=first.StudyInstanceUID)
     receive(worker.database, worker.store, late)
-    assert worker.database.get_study(first.StudyInstanceUID).state == "open"
+    assert worker.database.studies.get_study(first.StudyInstanceUID).state == "open"
     worker.run_once()
     assert complete_studies(worker.database, worker.store, settings, now=utcnow()) == 1
 
-    study = worker.database.get_study(first.StudyInstanceUID)
+    study = worker.database.studies.get_study(first.StudyInstanceUID)
     assert (study.state, study.report_version) == ("reported", 2)
     for sop_class in (CAD_SR, COMPREHENSIVE_SR):
         versions = sorted(
@@ -170,7 +170,7 @@ def test_one_broken_sr_builder_does_not_hold_back_the_other(
     assert complete_studies(worker.database, worker.store, settings, now=utcnow()) == 1
     srs = study_srs(worker.store, worker.database, ds.StudyInstanceUID)
     assert list(srs) == [CAD_SR]
-    assert "cad-sr" in {s.kind for s in worker.database.due_sends()}
+    assert "cad-sr" in {s.kind for s in worker.database.sends.due_sends()}
 
 
 def test_broken_gsps_builder_leaves_the_job_done_with_its_other_objects(
@@ -185,7 +185,7 @@ def test_broken_gsps_builder_leaves_the_job_done_with_its_other_objects(
 
     monkeypatch.setattr("node.reports.gsps.build_gsps", broken)
     assert worker.run_once() == "done"
-    result = worker.database.get_job(job_id).result or {}
+    result = worker.database.jobs.get_job(job_id).result or {}
     assert [o["kind"] for o in result["objects"]] == ["seg"]
     assert result["build_errors"] == {"gsps": "ValueError: gsps exploded"}
 
@@ -197,7 +197,7 @@ def test_failed_images_are_left_out_and_an_all_failed_study_is_closed(tmp_path: 
     receive(worker.database, worker.store, ds)
     assert worker.run_once() == "failed"
     assert complete_studies(worker.database, worker.store, settings, now=utcnow()) == 1
-    assert worker.database.get_study(ds.StudyInstanceUID).state == "reported"
+    assert worker.database.studies.get_study(ds.StudyInstanceUID).state == "reported"
     assert study_srs(worker.store, worker.database, ds.StudyInstanceUID) == {}
 
 
@@ -232,13 +232,13 @@ def test_completion_queues_sends_a_dead_worker_left_out(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, quiet_seconds=0.0, destinations=(PACS,))
     worker = make_worker(settings, FakeDetector())
     receive(worker.database, worker.store, make_mg_dataset())
-    job = worker.database.claim("w-dies", lease_seconds=60)
+    job = worker.database.jobs.claim("w-dies", lease_seconds=60)
     assert job is not None
-    result, _objects = worker.process(job)
-    worker.database.complete(job.job_id, "w-dies", result=result)  # then "dies": no sends
-    assert worker.database.due_sends() == []
+    result = worker.process(job)
+    worker.database.jobs.complete(job.job_id, "w-dies", result=result.to_json())  # then "dies"
+    assert worker.database.sends.due_sends() == []
     complete_studies(worker.database, worker.store, settings, now=utcnow())
-    kinds = sorted(s.kind for s in worker.database.due_sends())
+    kinds = sorted(s.kind for s in worker.database.sends.due_sends())
     assert kinds == ["cad-sr", "gsps", "seg", "tid1500-sr"]
 
 
@@ -246,10 +246,10 @@ def test_recover_leases_returns_the_jobs_of_dead_workers(tmp_path: Path) -> None
     settings = make_settings(tmp_path)
     worker = make_worker(settings, FakeDetector())
     job_id = receive(worker.database, worker.store, make_mg_dataset())
-    assert worker.database.claim("gone", lease_seconds=5) is not None
+    assert worker.database.jobs.claim("gone", lease_seconds=5) is not None
     assert recover_leases(worker.database, now=utcnow()) == []
     assert recover_leases(worker.database, now=utcnow() + dt.timedelta(seconds=6)) == [job_id]
-    assert worker.database.get_job(job_id).state == "queued"
+    assert worker.database.jobs.get_job(job_id).state == "queued"
 
 
 def test_retention_purges_reported_studies_older_than_retention_days(tmp_path: Path) -> None:
@@ -295,11 +295,11 @@ def test_send_results_delivers_to_a_receiver(tmp_path: Path, receiver: Receiver)
     assert send_results(worker.database, worker.store, settings) == 4
     assert sorted(d.Modality for d in receiver.datasets) == ["PR", "SEG", "SR", "SR"]
     assert {d.StudyInstanceUID for d in receiver.datasets} == {ds.StudyInstanceUID}
-    assert worker.database.due_sends() == []
+    assert worker.database.sends.due_sends() == []
 
 
 def test_send_results_survives_an_unreachable_destination(tmp_path: Path) -> None:
-    from conftest import free_port
+    from tests.helpers import free_port
 
     dest = DestinationSettings(name="down", ae_title="DOWN", host="127.0.0.1", port=free_port())
     settings = make_settings(tmp_path, quiet_seconds=0.0, destinations=(dest,))
@@ -307,7 +307,7 @@ def test_send_results_survives_an_unreachable_destination(tmp_path: Path) -> Non
     receive(worker.database, worker.store, make_mg_dataset())
     worker.run_once()
     assert send_results(worker.database, worker.store, settings) == 0
-    sends = worker.database.due_sends(now=utcnow() + dt.timedelta(hours=1))
+    sends = worker.database.sends.due_sends(now=utcnow() + dt.timedelta(hours=1))
     assert sends and all(s.attempts == 1 and s.state == "pending" for s in sends)
 
 

@@ -37,9 +37,9 @@ from node.scp import (
     StorageSCP,
 )
 from node.settings import LoggingSettings, NodeSettings, Settings, StorageSettings, TLSSettings
+from storage.database import Database, open_database
 from storage.errors import StorageError
 from storage.filestore import FileStore
-from storage.queue import Database, open_database
 from tests.factories import (
     compress,
     jpeg_lossless_encoder_available,
@@ -195,7 +195,7 @@ def test_store_mg_returns_success_and_persists_file_and_job(
 
     files = node.instance_files()
     assert len(files) == 1
-    job = node.database.get_job(1)
+    job = node.database.jobs.get_job(1)
     assert job.sop_instance_uid == ds.SOPInstanceUID
     assert job.study_instance_uid == ds.StudyInstanceUID
     assert job.sop_class_uid == ds.SOPClassUID
@@ -243,7 +243,7 @@ def test_store_with_dcmtk_storescu_succeeds(make_node: Callable[..., Node], tmp_
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    job = node.database.get_job(1)
+    job = node.database.jobs.get_job(1)
     assert job.sop_instance_uid == ds.SOPInstanceUID
     assert job.calling_aet == "STORESCU"
     (stored,) = node.instance_files()
@@ -258,7 +258,7 @@ def test_enqueue_failure_returns_failure_and_leaves_no_file_or_job(
     def broken(**_: Any) -> None:
         raise StorageError("database operation failed: disk I/O error")
 
-    monkeypatch.setattr(node.database, "enqueue_image", broken)
+    monkeypatch.setattr(node.database.jobs, "enqueue_image", broken)
     (rsp,) = store_datasets(node.port, [make_mg_dataset()])
     assert status_of(rsp) == STATUS_PROCESSING_FAILURE
     assert node.instance_files() == []
@@ -325,7 +325,7 @@ def test_duplicate_is_stored_once_with_one_job(make_node: Callable[..., Node]) -
     assert node.job_count() == 1
     files = node.instance_files()
     assert len(files) == 1
-    assert node.database.get_job(1).digest == sha256(files[0])
+    assert node.database.jobs.get_job(1).digest == sha256(files[0])
 
 
 def test_changed_resend_replaces_the_instance_and_requeues(
@@ -335,7 +335,7 @@ def test_changed_resend_replaces_the_instance_and_requeues(
     ds = make_mg_dataset()
     (rsp,) = store_datasets(node.port, [ds])
     assert status_of(rsp) == 0x0000
-    before = node.database.get_job(1)
+    before = node.database.jobs.get_job(1)
 
     changed = copy.deepcopy(ds)
     pixels = changed.pixel_array.copy()
@@ -344,7 +344,7 @@ def test_changed_resend_replaces_the_instance_and_requeues(
     (rsp,) = store_datasets(node.port, [changed])
     assert status_of(rsp) == 0x0000
 
-    after = node.database.get_job(1)
+    after = node.database.jobs.get_job(1)
     assert node.job_count() == 1
     assert after.digest != before.digest
     files = node.instance_files()
@@ -352,7 +352,7 @@ def test_changed_resend_replaces_the_instance_and_requeues(
     assert node.store.resolve(after.path) == files[0]
     assert after.digest == sha256(files[0])
     assert pydicom.dcmread(files[0]).pixel_array[10, 10] == pixels[10, 10]
-    study = node.database.get_study(ds.StudyInstanceUID)
+    study = node.database.studies.get_study(ds.StudyInstanceUID)
     assert study.content_generation == 2
 
 

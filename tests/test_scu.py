@@ -31,8 +31,9 @@ from node.settings import (
     StorageSettings,
     TLSSettings,
 )
+from storage.database import Database, open_database
 from storage.filestore import FileStore
-from storage.queue import Database, QueuePolicy, open_database
+from storage.policy import QueuePolicy
 from tests.factories import compress, make_mg_dataset, make_secondary_capture_dataset
 
 TIMEOUT = 5.0
@@ -114,7 +115,7 @@ class Queue:
     def add(self, ds: Dataset, *, destination_name: str = "pacs", kind: str = "cad-sr") -> int:
         relpath = self.store.result_path(ds.StudyInstanceUID, f"{ds.SOPInstanceUID}.dcm")
         self.store.write_atomic(relpath, lambda fh: ds.save_as(fh, enforce_file_format=True))
-        return self.database.add_send(
+        return self.database.sends.add_send(
             destination=destination_name,
             object_path=relpath.as_posix(),
             sop_class_uid=ds.SOPClassUID,
@@ -210,7 +211,7 @@ def test_send_due_marks_sends_sent_over_one_association(
     settings = settings_for(tmp_path, destination(port))
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 3
     for send_id in ids:
-        info = queue.database.get_send(send_id)
+        info = queue.database.sends.get_send(send_id)
         assert (info.state, info.last_status, info.attempts) == ("sent", 0x0000, 1)
     assert sorted(r.SOPInstanceUID for r in peer.received) == sorted(
         ds.SOPInstanceUID for ds in objects
@@ -236,7 +237,7 @@ def test_send_due_to_dcmtk_storescp_marks_sent(queue: Queue, tmp_path: Path) -> 
         send_id = queue.add(ds)
         settings = settings_for(tmp_path, destination(port))
         assert send_due(queue.database, queue.store, settings, now=at(0)) == 1
-        assert queue.database.get_send(send_id).state == "sent"
+        assert queue.database.sends.get_send(send_id).state == "sent"
         assert len(list(out.iterdir())) == 1
     finally:
         proc.terminate()
@@ -263,17 +264,17 @@ def test_dead_port_fails_with_backoff_and_is_retried_later(
     settings = settings_for(tmp_path, destination(port))
 
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 0
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert (info.state, info.attempts, info.last_status) == ("pending", 1, None)
     assert info.next_try_at == at(30)  # the queue's back-off: 30 s after the first failure
     assert "127.0.0.1" in (info.last_error or "")
 
     assert send_due(queue.database, queue.store, settings, now=at(29)) == 0
-    assert queue.database.get_send(send_id).attempts == 1  # not due yet: not tried
+    assert queue.database.sends.get_send(send_id).attempts == 1  # not due yet: not tried
 
     peer.start(port)  # the peer comes back on its usual port
     assert send_due(queue.database, queue.store, settings, now=at(31)) == 1
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert (info.state, info.attempts) == ("sent", 2)
 
 
@@ -285,7 +286,7 @@ def test_peer_answering_a700_fails_and_is_not_sent(
     send_id = queue.add(result_object())
     settings = settings_for(tmp_path, destination(port))
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 0
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert (info.state, info.last_status, info.attempts) == ("pending", 0xA700, 1)
     assert "0xA700" in (info.last_error or "")
     assert info.sent_at is None
@@ -300,7 +301,7 @@ def test_warning_status_counts_as_sent(
     send_id = queue.add(result_object())
     settings = settings_for(tmp_path, destination(port))
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 1
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert (info.state, info.last_status) == ("sent", warning)
 
 
@@ -308,7 +309,7 @@ def test_unknown_destination_fails_for_good_with_clear_error(queue: Queue, tmp_p
     send_id = queue.add(result_object(), destination_name="gone")
     settings = settings_for(tmp_path, destination(104, name="pacs"))
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 0
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert info.state == "failed"
     assert info.last_error == "destination 'gone' is not configured (configured: pacs)"
 
@@ -316,10 +317,10 @@ def test_unknown_destination_fails_for_good_with_clear_error(queue: Queue, tmp_p
 def test_missing_object_file_fails_for_good(peer: Peer, queue: Queue, tmp_path: Path) -> None:
     port = peer.start()
     send_id = queue.add(result_object())
-    queue.store.remove(queue.database.get_send(send_id).object_path)
+    queue.store.remove(queue.database.sends.get_send(send_id).object_path)
     settings = settings_for(tmp_path, destination(port))
     assert send_due(queue.database, queue.store, settings, now=at(0)) == 0
-    info = queue.database.get_send(send_id)
+    info = queue.database.sends.get_send(send_id)
     assert info.state == "failed"
     assert "is missing" in (info.last_error or "")
     assert peer.received == []

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from factories import make_mg_dataset
+
+from node.errors import ConfigError
+from node.service import format_status, retry_job, serve, status
+from node.settings import DestinationSettings, Settings, dump_toml
+from storage.errors import JobNotFoundError
+from tests.helpers import (
     FakeDetector,
     Receiver,
     free_port,
@@ -21,12 +27,6 @@ from conftest import (
     make_worker,
     receive,
 )
-from factories import make_mg_dataset
-
-from node.errors import ConfigError
-from node.service import format_status, retry_job, serve, status
-from node.settings import DestinationSettings, Settings, dump_toml
-from storage.errors import JobNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = (

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import FakeDetector, fast_factory, make_settings, make_worker, receive, slow_factory
 from factories import make_mg_dataset
 
 from cascade.errors import InvalidImageError
@@ -22,6 +21,14 @@ from node.settings import DestinationSettings
 from node.stores import open_storage
 from node.worker import Worker, run_worker
 from storage.models import utcnow
+from tests.helpers import (
+    FakeDetector,
+    fast_factory,
+    make_settings,
+    make_worker,
+    receive,
+    slow_factory,
+)
 
 PACS = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
 SEG_ONLY = DestinationSettings(
@@ -89,7 +96,7 @@ def test_worker_processes_a_queued_image_with_the_tiny_model(
 
     assert run_worker(settings, worker_id="w-real", max_jobs=1) == 0
 
-    job = database.get_job(job_id)
+    job = database.jobs.get_job(job_id)
     assert job.state == "done", job.last_error
     result = job.result or {}
     assert result["detections"]["sop_instance_uid"] == ds.SOPInstanceUID
@@ -102,7 +109,7 @@ def test_worker_processes_a_queued_image_with_the_tiny_model(
     assert seg.StudyInstanceUID == gsps.StudyInstanceUID == ds.StudyInstanceUID
     assert seg.DeviceUID.startswith("2.25.")
     assert store.resolve(f"results/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.detections.json")
-    sends = database.due_sends()
+    sends = database.sends.due_sends()
     assert sorted((s.destination, s.kind) for s in sends) == [
         ("pacs", "gsps"),
         ("pacs", "seg"),
@@ -117,10 +124,10 @@ def test_worker_writes_only_the_enabled_kinds_and_no_seg_without_findings(
     worker = make_worker(settings, FakeDetector(points=()))
     job_id = receive(worker.database, worker.store, make_mg_dataset())
     assert worker.run_once() == "done"
-    result = worker.database.get_job(job_id).result or {}
+    result = worker.database.jobs.get_job(job_id).result or {}
     assert result["objects"] == []  # no finding → no SEG; GSPS not enabled
     assert result["detection_count"] == 0
-    assert worker.database.due_sends() == []
+    assert worker.database.sends.due_sends() == []
 
 
 def test_invalid_image_fails_without_retry_and_keeps_the_error(
@@ -133,7 +140,7 @@ def test_invalid_image_fails_without_retry_and_keeps_the_error(
     ds = make_mg_dataset(pixel_spacing=None, imager_pixel_spacing=None)
     job_id = receive(worker.database, worker.store, ds)
     assert worker.run_once() == "failed"
-    job = worker.database.get_job(job_id)
+    job = worker.database.jobs.get_job(job_id)
     assert job.state == "failed"
     assert job.attempts == 1 < job.max_attempts
     assert job.last_error is not None and job.last_error.startswith("InvalidImageError")
@@ -143,7 +150,7 @@ def test_file_that_is_not_dicom_fails_without_retry(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     worker = make_worker(settings, FakeDetector())
     stored = worker.store.write_atomic("instances/1.2.3/1.2.4/1.2.5.dcm", b"not dicom" * 50)
-    job_id = worker.database.enqueue_image(
+    job_id = worker.database.jobs.enqueue_image(
         sop_instance_uid="1.2.5",
         study_instance_uid="1.2.3",
         series_instance_uid="1.2.4",
@@ -154,7 +161,7 @@ def test_file_that_is_not_dicom_fails_without_retry(tmp_path: Path) -> None:
         calling_aet="TEST",
     ).job_id
     assert worker.run_once() == "failed"
-    assert "InvalidImageError" in (worker.database.get_job(job_id).last_error or "")
+    assert "InvalidImageError" in (worker.database.jobs.get_job(job_id).last_error or "")
 
 
 def test_transient_error_is_retried_and_then_succeeds(tmp_path: Path) -> None:
@@ -164,13 +171,13 @@ def test_transient_error_is_retried_and_then_succeeds(tmp_path: Path) -> None:
     job_id = receive(worker.database, worker.store, make_mg_dataset())
 
     assert worker.run_once() == "queued"
-    job = worker.database.get_job(job_id)
+    job = worker.database.jobs.get_job(job_id)
     assert (job.state, job.attempts) == ("queued", 1)
     assert "RuntimeError: simulated failure 1" in (job.last_error or "")
-    assert worker.database.due_sends() == []
+    assert worker.database.sends.due_sends() == []
 
     assert worker.run_once() == "done"
-    job = worker.database.get_job(job_id)
+    job = worker.database.jobs.get_job(job_id)
     assert (job.state, job.attempts) == ("done", 2)
     assert detector.calls == 2
 
@@ -181,7 +188,7 @@ def test_transient_errors_fail_the_job_after_max_attempts(tmp_path: Path) -> Non
     job_id = receive(worker.database, worker.store, make_mg_dataset())
     assert worker.run_once() == "queued"
     assert worker.run_once() == "failed"
-    assert worker.database.get_job(job_id).attempts == 2
+    assert worker.database.jobs.get_job(job_id).attempts == 2
 
 
 def test_heartbeat_keeps_the_lease_of_an_image_longer_than_the_lease(tmp_path: Path) -> None:
@@ -194,11 +201,11 @@ def test_heartbeat_keeps_the_lease_of_an_image_longer_than_the_lease(tmp_path: P
     recovered: list[int] = []
     for _ in range(6):  # 1.5 s of lease checks while the detector runs
         time.sleep(0.25)
-        recovered += worker.database.recover_expired_leases()
+        recovered += worker.database.jobs.recover_expired_leases()
     thread.join(10)
     assert recovered == []
     assert outcome == ["done"]
-    assert worker.database.get_job(job_id).attempts == 1
+    assert worker.database.jobs.get_job(job_id).attempts == 1
 
 
 def test_worker_that_lost_its_lease_discards_its_result(tmp_path: Path) -> None:
@@ -210,13 +217,13 @@ def test_worker_that_lost_its_lease_discards_its_result(tmp_path: Path) -> None:
     thread.start()
     time.sleep(0.4)
     # As if the worker had hung past its lease: lease recovery takes the job back.
-    assert worker.database.recover_expired_leases(now=utcnow() + dt.timedelta(seconds=60)) == [
+    assert worker.database.jobs.recover_expired_leases(now=utcnow() + dt.timedelta(seconds=60)) == [
         job_id
     ]
     thread.join(10)
     assert outcome == ["lost"]
-    assert worker.database.get_job(job_id).state == "queued"
-    assert worker.database.due_sends() == []
+    assert worker.database.jobs.get_job(job_id).state == "queued"
+    assert worker.database.sends.due_sends() == []
     results = worker.store.root / "results"
     assert not results.exists() or not any(p.is_file() for p in results.rglob("*"))
 
@@ -238,12 +245,12 @@ def test_job_of_a_killed_worker_completes_after_lease_expiry_via_another_worker(
     proc.start()
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and database.get_job(job_id).state != "running":
+        while time.monotonic() < deadline and database.jobs.get_job(job_id).state != "running":
             time.sleep(0.1)
-        job = database.get_job(job_id)
+        job = database.jobs.get_job(job_id)
         assert (job.state, job.lease_owner) == ("running", "doomed")
         time.sleep(2.5)  # the heartbeat keeps it: longer than one lease
-        assert database.recover_expired_leases() == []
+        assert database.jobs.recover_expired_leases() == []
         proc.kill()  # SIGKILL mid-job: no cleanup, no release
         proc.join(10)
     finally:
@@ -251,17 +258,17 @@ def test_job_of_a_killed_worker_completes_after_lease_expiry_via_another_worker(
             proc.kill()
             proc.join(10)
 
-    assert database.get_job(job_id).state == "running"  # nobody knows yet
+    assert database.jobs.get_job(job_id).state == "running"  # nobody knows yet
     time.sleep(2.2)  # the lease runs out
-    assert database.recover_expired_leases() == [job_id]
-    assert database.get_job(job_id).state == "queued"
+    assert database.jobs.recover_expired_leases() == [job_id]
+    assert database.jobs.get_job(job_id).state == "queued"
 
     assert run_worker(settings, worker_id="rescuer", max_jobs=1, detector_factory=fast_factory) == 0
-    job = database.get_job(job_id)
+    job = database.jobs.get_job(job_id)
     assert job.state == "done"
     assert job.attempts == 2
     assert (job.result or {})["worker"] == "rescuer"
-    assert [s.kind for s in database.due_sends()] == ["seg", "gsps"]
+    assert [s.kind for s in database.sends.due_sends()] == ["seg", "gsps"]
 
 
 def test_run_worker_rejects_non_positive_max_jobs(tmp_path: Path) -> None:

@@ -36,7 +36,13 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from cascade.errors import InvalidImageError
 
@@ -54,8 +60,8 @@ __all__ = [
     "read_mammogram",
 ]
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+MG_FOR_PRESENTATION = DigitalMammographyXRayImageStorageForPresentation
+MG_FOR_PROCESSING = DigitalMammographyXRayImageStorageForProcessing
 #: The SOP classes the node accepts: Digital Mammography X-Ray Image, both intents.
 MG_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION, MG_FOR_PROCESSING})
 

@@ -428,11 +428,8 @@ def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    h = hashlib.sha256()
     with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, MammographyCADSRStorage
 
 from cascade.inference.detector import Detection, ImageDetections
 from node.reports.common import (
@@ -71,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAMMOGRAPHY_CAD_SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.50"
+MAMMOGRAPHY_CAD_SR_SOP_CLASS_UID = MammographyCADSRStorage
 
 _LATERALITY_CODES = {
     "L": ("80248007", "SCT", "Left breast"),

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from cascade.data.io import MG_SOP_CLASSES
 from cascade.inference.detector import Detection, ImageDetections
 
 __all__ = [
@@ -52,9 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Digital Mammography X-Ray Image Storage, For Presentation and For Processing.
-MG_SOP_CLASS_UIDS: frozenset[str] = frozenset(
-    {"1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1"}
-)
+MG_SOP_CLASS_UIDS: frozenset[str] = MG_SOP_CLASSES
 
 #: SeriesDescription of each kind of result object (LO: at most 64 characters).
 SERIES_DESCRIPTIONS: dict[str, str] = {
