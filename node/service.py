@@ -206,19 +206,10 @@ def status(settings: Settings) -> dict[str, Any]:
         "jobs": {state: n}, "sends": {state: n}, "studies": {state: n},
         "pending_sends": {destination: n}, "recent_errors": [...]}``.
     """
-    from sqlalchemy import func, select
-
-    from storage.models import Send
-
     database = _open_existing(settings)
     try:
         summary = database.status_summary()
-        with database.engine.connect() as conn:
-            rows = conn.execute(
-                select(Send.destination, func.count())
-                .where(Send.state == "pending")
-                .group_by(Send.destination)
-            ).all()
+        pending = database.sends.pending_by_destination()
     finally:
         database.close()
     return {
@@ -231,7 +222,7 @@ def status(settings: Settings) -> dict[str, Any]:
         },
         "database": settings.redacted()["storage"]["database_url"],
         **summary,
-        "pending_sends": {dest: int(n) for dest, n in rows},
+        "pending_sends": pending,
     }
 
 
