@@ -100,7 +100,7 @@ class _Receiver:
 
     def start(self) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
@@ -135,13 +135,13 @@ class _Receiver:
 
 
 def _object_name(ds: Any) -> str:
-    sop_class = str(ds.SOPClassUID)
-    return {
+    names: dict[str, str] = {
         MammographyCADSRStorage: "CAD SR",
         ComprehensiveSRStorage: "TID 1500 SR",
         SegmentationStorage: "SEG",
         GrayscaleSoftcopyPresentationStateStorage: "GSPS",
-    }.get(sop_class, str(ds.Modality))
+    }
+    return names.get(str(ds.SOPClassUID), str(ds.Modality))
 
 
 def _send_files(files: list[Path], *, port: int, called: str) -> int:

@@ -389,8 +389,8 @@ class StorageSCP:
         for sop_class in (MG_FOR_PRESENTATION, MG_FOR_PROCESSING):
             if sop_class not in storage:  # pragma: no cover - pynetdicom lists both
                 storage.append(sop_class)
-        for sop_class in storage:
-            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        for abstract_syntax in storage:
+            ae.add_supported_context(abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext:

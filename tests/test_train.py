@@ -22,7 +22,8 @@ from cascade.data.datasets import TrainingImage
 from cascade.data.manifest import ImageRecord, OtherFinding, read_manifest
 from cascade.data.preprocess import GridTransform
 from cascade.errors import CheckpointError, TrainingError
-from cascade.inference.detector import Detector, OperatingPoint
+from cascade.evaluation.operating_point import OperatingPoint
+from cascade.inference.detector import Detector
 from cascade.models import get_model
 from cascade.models.checkpoint import checkpoint_sha256, load_checkpoint
 from cascade.training import (
@@ -142,7 +143,7 @@ def test_train_asn_refuses_to_resume_from_a_weights_only_checkpoint(
 def test_train_asn_stops_on_a_non_finite_loss(
     small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cascade.training as train_mod
+    import cascade.training.asn as train_mod
 
     def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
         return torch.tensor(float("nan"), requires_grad=True)
