@@ -13,7 +13,8 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 DEBIAN_PACKAGES := dcmtk dicom3tools orthanc libpixelmed-java
 STAMP := $(VENV)/.calcnode-installed
-PYTEST_ARGS ?=
+# The suite runs on every core (pytest-xdist); PYTEST_ARGS="-n 0" runs it serially.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: help setup system-deps test demo lint typecheck bench weights clean
 
