@@ -43,8 +43,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import socket
 import ssl
+import threading
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -84,9 +84,10 @@ from cascade.data.io import (
     check_mammogram_header,
 )
 from cascade.errors import InvalidImageError
+from node.server import GuardedAssociationServer, OversizedDataSet, ServerLimits
 from node.settings import Settings
 from storage.database import Database
-from storage.errors import DiskFullError
+from storage.errors import DiskFullError, StorageError
 from storage.filestore import FileStore
 from storage.intake import EnqueueResult
 
@@ -94,7 +95,10 @@ __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "MAX_PDU_SIZE",
     "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATABASE_UNAVAILABLE",
     "STATUS_DATASET_MISMATCH",
+    "STATUS_INFLATED_TOO_LARGE",
+    "STATUS_INSTANCE_TOO_LARGE",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_PROCESSING_FAILURE",
     "STATUS_SOP_CLASS_NOT_SUPPORTED",
@@ -117,6 +121,15 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
 #: Refused: SOP Class Not Supported — a storage SOP class other than MG.
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: Refused: Out of Resources (0xA7xx), the node's database failed (locked past its busy
+#: timeout, full, unreachable): transient, the sender should retry later.
+STATUS_DATABASE_UNAVAILABLE = 0xA710
+#: Refused: Out of Resources (0xA7xx), the data set as received is larger than
+#: ``node.max_instance_mb``.
+STATUS_INSTANCE_TOO_LARGE = 0xA720
+#: Refused: Out of Resources (0xA7xx), a Deflated data set inflates to more than
+#: ``node.max_inflated_mb``.
+STATUS_INFLATED_TOO_LARGE = 0xA721
 
 #: Transfer syntaxes accepted for every storage SOP class, in this order of preference
 #: (pynetdicom takes the first of the *requestor's* list that is here). Lossy ones are
@@ -184,35 +197,111 @@ class _PixelElement:
     header_bytes: int  # tag + VR + length fields
 
 
-class _HandshakeTimeoutContext(ssl.SSLContext):
-    """An SSLContext whose server-side handshake cannot block the accept loop forever.
+#: The UIDs checked against the DICOM grammar (PS3.5 9.1) before anything is stored:
+#: those the node files the instance under and copies into its results.
+_CHECKED_UIDS: tuple[tuple[str, str, bool], ...] = (
+    # (keyword, tag, required)
+    ("SOPClassUID", "(0008,0016)", True),
+    ("SOPInstanceUID", "(0008,0018)", True),
+    ("StudyInstanceUID", "(0020,000D)", True),
+    ("SeriesInstanceUID", "(0020,000E)", True),
+    ("FrameOfReferenceUID", "(0020,0052)", False),
+)
 
-    pynetdicom wraps accepted sockets in the server's accept thread; a peer that
-    connects and stays silent would otherwise stall every other connection.
+#: Data set values longer than this are skipped, not read, while parsing the header.
+_DEFER_BYTES = 1024 * 1024
+
+
+def is_valid_uid(value: object) -> bool:
+    """Whether ``value`` is a UID by the DICOM grammar: 1..64 characters, dot-separated
+    components of digits, no leading zero in a component (PS3.5 9.1)."""
+    return isinstance(value, str) and UID(value).is_valid
+
+
+class _InflateLimitError(Exception):
+    """The inflated data set is longer than the limit."""
+
+
+class _InflatingReader:
+    """A Deflated data set inflated as it is read: bounded memory, bounded size.
+
+    Supports what pydicom's parser needs: ``read``, ``tell`` and ``seek`` forward
+    (skipped bytes are inflated and dropped) or a little backward (a window of recent
+    bytes is kept). Raises :class:`_InflateLimitError` past ``limit`` inflated bytes and
+    ``zlib.error`` on a corrupt stream.
     """
 
-    handshake_timeout: float = 30.0
+    _CHUNK = 256 * 1024
+    _KEEP = 4096  # bytes kept behind the read position (pydicom rewinds a tag or two)
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        previous = sock.gettimeout()
-        sock.settimeout(self.handshake_timeout)
-        try:
-            wrapped = super().wrap_socket(sock, *args, **kwargs)
-        except (OSError, ValueError) as exc:
-            peer = _peer_of(sock)
-            logger.warning("association from %s rejected: TLS handshake failed (%s)", peer, exc)
-            sock.close()
-            raise
-        wrapped.settimeout(previous)
-        return wrapped
+    def __init__(self, deflated: memoryview, limit: int) -> None:
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._pending: bytes | memoryview = deflated
+        self._limit = limit
+        self._window = bytearray()
+        self._window_start = 0  # offset of _window[0] in the inflated stream
+        self._produced = 0  # inflated bytes so far
+        self._position = 0
+        self._eof = False
 
+    def _inflate_some(self) -> None:
+        if self._eof:
+            return
+        if self._pending:
+            out = self._inflater.decompress(self._pending, self._CHUNK)
+            self._pending = self._inflater.unconsumed_tail
+        else:
+            out = self._inflater.flush()
+            self._eof = True
+        if self._inflater.eof:
+            self._eof = True
+        if not out and not self._pending:
+            self._eof = True
+        self._produced += len(out)
+        if self._produced > self._limit:
+            raise _InflateLimitError
+        keep_from = self._position - self._KEEP
+        self._window += out
+        if keep_from > self._window_start:
+            drop = min(keep_from - self._window_start, len(self._window))
+            del self._window[:drop]
+            self._window_start += drop
 
-def _peer_of(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"{host}:{port}"
+    def _ensure(self, end: int) -> None:
+        while self._produced < end and not self._eof:
+            self._inflate_some()
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            self.drain()
+            end = self._produced
+        else:
+            end = self._position + size
+            self._ensure(end)
+        start = self._position
+        if start < self._window_start:  # pragma: no cover - guarded by seek()
+            raise OSError("cannot read before the inflated window")
+        data = bytes(self._window[start - self._window_start : end - self._window_start])
+        self._position = start + len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._position + offset
+        if whence not in (0, 1):
+            raise OSError("only SEEK_SET and SEEK_CUR are supported")
+        if target < self._window_start:
+            raise OSError("cannot seek that far back in an inflated stream")
+        self._position = target
+        return target
+
+    def drain(self) -> int:
+        """Inflate to the end; return the inflated length."""
+        while not self._eof:
+            self._inflate_some()
+        return self._produced
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:
@@ -232,7 +321,7 @@ def _uid_name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
-def _read_header(stream: BinaryIO, transfer_syntax: str) -> tuple[Dataset, _PixelElement | None]:
+def _read_header(stream: Any, transfer_syntax: str) -> tuple[Dataset, _PixelElement | None]:
     """Parse a data set up to (not including) its top-level pixel data element.
 
     Returns the data set (raw elements, converted on access) and where the pixel data
@@ -253,14 +342,18 @@ def _read_header(stream: BinaryIO, transfer_syntax: str) -> tuple[Dataset, _Pixe
         return True
 
     try:
-        ds = read_dataset(stream, implicit, True, stop_when=at_pixels)
+        ds = read_dataset(stream, implicit, True, stop_when=at_pixels, defer_size=_DEFER_BYTES)
+    except _InflateLimitError:
+        raise
+    except zlib.error as exc:
+        raise InvalidImageError(f"bad deflate stream: {exc}") from None
     except Exception as exc:  # pydicom raises many types on a corrupt stream
         raise InvalidImageError(f"unreadable data set: {type(exc).__name__}: {exc}") from None
     return ds, (found[0] if found else None)
 
 
 def _check_pixel_element(
-    ds: Dataset, pixel: _PixelElement | None, stream: BinaryIO, total: int, transfer_syntax: str
+    ds: Dataset, pixel: _PixelElement | None, stream: Any, total: int, transfer_syntax: str
 ) -> None:
     """The pixel data is there, whole, and encoded as the transfer syntax says."""
     if pixel is None:
@@ -325,6 +418,11 @@ class StorageSCP:
     port : int or None
         Listen on this port instead of ``settings.node.port``; 0 lets the system pick a
         free one (tests, benchmarks); read it back from :attr:`port` after :meth:`start`.
+    limits : ServerLimits or None
+        Handshake timeout, connections per address, largest data set kept;
+        ``None``: the defaults of :class:`~node.server.ServerLimits`.
+    max_inflated_bytes : int
+        Largest inflated size of a Deflated data set.
 
     Raises
     ------
@@ -348,6 +446,8 @@ class StorageSCP:
         store: FileStore,
         database: Database,
         port: int | None = None,
+        limits: ServerLimits | None = None,
+        max_inflated_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         if not isinstance(settings, Settings):
             raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
@@ -366,8 +466,10 @@ class StorageSCP:
         self._requested_port = settings.node.port if port is None else port
         self._networks = settings.node.allowed_networks
         self._calling = frozenset(settings.node.allowed_calling_aets)
+        self._limits = limits if limits is not None else ServerLimits()
+        self._max_inflated = max_inflated_bytes
         self._ae: AE | None = None
-        self._server: Any = None
+        self._server: GuardedAssociationServer | None = None
         logging.getLogger("pynetdicom").setLevel(settings.logging.pynetdicom_level)
 
     # ------------------------------------------------------------------ lifecycle
@@ -395,13 +497,12 @@ class StorageSCP:
 
     def _ssl_context(self) -> ssl.SSLContext:
         tls = self._settings.node.tls
-        context = _HandshakeTimeoutContext(ssl.PROTOCOL_TLS_SERVER)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
         if tls.ca_file is not None:
             context.load_verify_locations(cafile=str(tls.ca_file))
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-        context.handshake_timeout = self._settings.node.acse_timeout_seconds
         return context
 
     def start(self) -> None:
@@ -427,16 +528,29 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server(
+        # Our server class: accepts without the TLS handshake (that runs in the
+        # connection's thread, with a timeout), checks the address first, bounds input.
+        server = ae.make_server(
             (node.host, self._requested_port),
-            block=False,
-            evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=context,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            server_class=GuardedAssociationServer,
+            limits=self._limits,
+            allowed_networks=self._networks,
         )
+        assert isinstance(server, GuardedAssociationServer)
+        thread = threading.Thread(
+            target=server.serve_forever, name="calcnode-scp-accept", daemon=True
+        )
+        thread.start()
+        ae._servers.append(server)  # so that ae.shutdown() stops it (as start_server does)
+        self._server = server
         self._ae = ae
+        limits = self._limits
         logger.info(
             "DICOM SCP %s listening on %s:%d (TLS %s, calling AEs %s, hosts %s, "
-            "max %d associations)",
+            "max %d associations, %d per address, handshake %g s, instances up to %d MB, "
+            "inflated up to %d MB)",
             node.ae_title,
             node.host,
             self.port,
@@ -444,6 +558,10 @@ class StorageSCP:
             ", ".join(sorted(self._calling)) or "any",
             ", ".join(str(n) for n in self._networks) or "any",
             node.max_associations,
+            limits.associations_per_host,
+            limits.handshake_timeout_seconds,
+            limits.max_dataset_bytes // (1024 * 1024),
+            self._max_inflated // (1024 * 1024),
         )
 
     @property
@@ -553,25 +671,28 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         request = event.request
-        sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip() or "?"
+        raw_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip()
+        # An invalid UID is never logged nor echoed: it may carry anything (a newline
+        # and a forged log line, a path).
+        label = raw_uid if is_valid_uid(raw_uid) else "(invalid UID)"
         try:
-            result = self._receive(event, sop_uid)
+            result = self._receive(event, raw_uid)
         except _RefusedError as refusal:
-            log = logger.warning if refusal.status == STATUS_OUT_OF_RESOURCES else logger.info
+            log = logger.warning if refusal.status >> 8 == 0xA7 else logger.info
             log(
                 "C-STORE of SOP Instance %s from %s refused with 0x%04X: %s",
-                sop_uid,
+                label,
                 _who(event.assoc),
                 refusal.status,
                 refusal.comment,
             )
             return _status(refusal.status, refusal.comment)
         except Exception:
-            logger.exception("C-STORE of SOP Instance %s failed unexpectedly", sop_uid)
+            logger.exception("C-STORE of SOP Instance %s failed unexpectedly", label)
             return _status(STATUS_PROCESSING_FAILURE, "internal error; see the node's log")
         logger.info(
             "stored SOP Instance %s from %s: job %d (%s)",
-            sop_uid,
+            label,
             _who(event.assoc),
             result.job_id,
             result.outcome,
@@ -583,7 +704,26 @@ class StorageSCP:
         sop_class = str(request.AffectedSOPClassUID or "").strip()
         transfer_syntax = str(event.context.transfer_syntax)
         stream: BytesIO = request.DataSet
-        total = stream.getbuffer().nbytes
+
+        # 0. Within the size limit (node.server kept at most max_dataset_bytes of it).
+        limit = self._limits.max_dataset_bytes
+        received = (
+            stream.received if isinstance(stream, OversizedDataSet) else stream.getbuffer().nbytes
+        )
+        if received > limit:
+            raise _RefusedError(
+                STATUS_INSTANCE_TOO_LARGE,
+                f"data set of {_mb(received)} exceeds node.max_instance_mb ({_mb(limit)})",
+            )
+        # The request's UIDs, by the grammar, before they go anywhere.
+        for value, name in (
+            (sop_uid, "Affected SOP Instance UID"),
+            (sop_class, "Affected SOP Class UID"),
+        ):
+            if not is_valid_uid(value):
+                raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"{name} is not a valid UID")
+
+        total = received
         meta_bytes = encode_file_meta(event.file_meta)
         size = len(_PREAMBLE) + len(meta_bytes) + total
 
@@ -632,6 +772,13 @@ class StorageSCP:
             )
         except DiskFullError as exc:
             raise _RefusedError(STATUS_OUT_OF_RESOURCES, "out of disk space") from exc
+        except StorageError as exc:
+            # The database failed (locked, full, unreachable): nothing was kept (storage
+            # removes the file it wrote); a transient refusal the sender retries.
+            logger.error("the job database failed while queueing: %s", exc)
+            raise _RefusedError(
+                STATUS_DATABASE_UNAVAILABLE, "node database unavailable; retry later"
+            ) from exc
 
     def _checked_header(
         self,
@@ -642,23 +789,19 @@ class StorageSCP:
         sop_class: str,
         sop_uid: str,
     ) -> Dataset:
+        source: Any
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            try:
-                inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.getbuffer())
-            except zlib.error as exc:
-                raise _RefusedError(
-                    STATUS_CANNOT_UNDERSTAND, f"bad deflate stream: {exc}"
-                ) from None
-            source: BytesIO = BytesIO(inflated)
-            source_total = len(inflated)
+            # Inflated as parsed, never whole: memory stays small, the size is bounded.
+            source = _InflatingReader(stream.getbuffer(), self._max_inflated)
         else:
-            source, source_total = stream, total
+            source = stream
         try:
             source.seek(0)
             ds, pixel = _read_header(source, transfer_syntax)
             ds.file_meta = event.file_meta
+            _check_uids(ds)
             data_class = str(ds.get("SOPClassUID", "") or "").strip()
-            if data_class and data_class != sop_class:
+            if data_class != sop_class:
                 raise _RefusedError(
                     STATUS_DATASET_MISMATCH,
                     f"SOP Class UID {data_class} differs from the request's",
@@ -669,12 +812,39 @@ class StorageSCP:
                     STATUS_CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's"
                 )
             check_mammogram_header(ds, require_pixel_data=False)
+            source_total = source.drain() if isinstance(source, _InflatingReader) else total
             _check_pixel_element(ds, pixel, source, source_total, transfer_syntax)
+        except _InflateLimitError:
+            raise _RefusedError(
+                STATUS_INFLATED_TOO_LARGE,
+                f"inflated data set exceeds node.max_inflated_mb ({_mb(self._max_inflated)})",
+            ) from None
+        except zlib.error as exc:
+            raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"bad deflate stream: {exc}") from None
         except InvalidImageError as exc:
             raise _RefusedError(STATUS_CANNOT_UNDERSTAND, str(exc)) from None
         finally:
             stream.seek(0)
         return ds
+
+
+def _check_uids(ds: Dataset) -> None:
+    """The identifying UIDs are UIDs by the grammar; the refusal names the attribute only."""
+    for keyword, tag, required in _CHECKED_UIDS:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # a value pydicom cannot even convert
+            value = object()
+        if value is None or value == "":
+            if required:
+                raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"{keyword} {tag} is missing")
+            continue
+        if not isinstance(value, str) or not is_valid_uid(value.strip()):
+            raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"{keyword} {tag} is not a valid UID")
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.0f} MB" if n >= 1024 * 1024 else f"{n} bytes"
 
 
 def _addr(assoc: Any) -> str:

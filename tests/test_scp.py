@@ -31,8 +31,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.scp import (
     STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATABASE_UNAVAILABLE,
     STATUS_OUT_OF_RESOURCES,
-    STATUS_PROCESSING_FAILURE,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     StorageSCP,
 )
@@ -260,7 +260,8 @@ def test_enqueue_failure_returns_failure_and_leaves_no_file_or_job(
 
     monkeypatch.setattr(node.database.jobs, "enqueue_image", broken)
     (rsp,) = store_datasets(node.port, [make_mg_dataset()])
-    assert status_of(rsp) == STATUS_PROCESSING_FAILURE
+    # A database failure is transient: 0xA7xx (Out of Resources), which senders retry.
+    assert status_of(rsp) == STATUS_DATABASE_UNAVAILABLE
     assert node.instance_files() == []
     monkeypatch.undo()
     assert node.job_count() == 0
@@ -478,10 +479,10 @@ def test_source_address_not_allowed_is_rejected(
     make_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
 ) -> None:
     node = make_node(allowed_hosts=("10.0.0.0/8",))
-    with caplog.at_level(logging.WARNING, logger="node.scp"):
+    with caplog.at_level(logging.WARNING, logger="node.server"):
         assoc = _associate(node.port)
-    assert assoc.is_rejected
-    assert _reject_reason(assoc) == (1, 1, 1)
+    # Refused at the accept, before any work: the connection is closed, no association.
+    assert not assoc.is_established
     assert "source address not in node.allowed_hosts" in caplog.text
     assert "127.0.0.1" in caplog.text
     allowed = make_node(allowed_hosts=("127.0.0.0/8",))
