@@ -26,9 +26,9 @@ from typing import Any
 import pydicom
 import pytest
 from factories import make_mg_dataset
-from storage.database import open_database
 
 from node.settings import DestinationSettings, Settings, dump_toml
+from storage.database import open_database
 from tests.helpers import OrthancServer, free_port, make_settings
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
