@@ -829,18 +829,36 @@ class StorageSCP:
 
 
 def _check_uids(ds: Dataset) -> None:
-    """The identifying UIDs are UIDs by the grammar; the refusal names the attribute only."""
+    """The identifying UIDs are UIDs by the grammar; the refusal names the attribute only.
+
+    Checked on the raw bytes, before pydicom converts (and warns about, and logs) them.
+    """
     for keyword, tag, required in _CHECKED_UIDS:
-        try:
-            value = ds.get(keyword)
-        except Exception:  # a value pydicom cannot even convert
-            value = object()
+        value = _raw_text(ds, keyword)
         if value is None or value == "":
             if required:
                 raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"{keyword} {tag} is missing")
             continue
-        if not isinstance(value, str) or not is_valid_uid(value.strip()):
+        if not is_valid_uid(value):
             raise _RefusedError(STATUS_CANNOT_UNDERSTAND, f"{keyword} {tag} is not a valid UID")
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """An element's value as text without pydicom's conversion (None when absent);
+    trailing NUL / space padding removed, anything undecodable kept as a non-UID."""
+    if keyword not in ds:
+        return None
+    elem = ds.get_item(keyword)
+    value = getattr(elem, "value", None)
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("ascii", "replace")
+    elif isinstance(value, str):
+        text = value
+    else:  # several values, a number: not one UID
+        return "\x00"
+    return text.rstrip("\x00 ")
 
 
 def _mb(n: int) -> str:

@@ -19,6 +19,9 @@ the node something:
   command set longer than :data:`MAX_COMMAND_BYTES` aborts it; a data set longer than
   ``max_dataset_bytes`` stops being kept — the rest is counted and discarded, and the
   C-STORE handler receives an :class:`OversizedDataSet` to refuse.
+* **No forged log lines.** pynetdicom logs some peer-supplied values (a non-conformant
+  UID) as they are; :class:`EscapeControlCharacters` on its loggers escapes control
+  characters, so a newline in a UID cannot start a line of the peer's choosing.
 * **No socket waits forever.** After the handshake the socket's timeout is the AE's
   ``network_timeout``, so a peer that stops in the middle of a PDU is dropped.
 
@@ -47,9 +50,11 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_PDU_RECEIVED",
+    "EscapeControlCharacters",
     "GuardedAssociationServer",
     "OversizedDataSet",
     "ServerLimits",
+    "escape_pynetdicom_logs",
     "peer_host",
 ]
 
@@ -114,6 +119,38 @@ class OversizedDataSet(BytesIO):
         n = len(memoryview(data).cast("B"))
         self.received += n
         return n
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+class EscapeControlCharacters(logging.Filter):
+    """Escapes control characters (a newline, an ESC) in a record's message.
+
+    pynetdicom logs values a peer sent (a non-conformant UID, an AE title) as they are;
+    a newline in one would forge a log line of the peer's choosing. Installed on the
+    ``pynetdicom`` loggers by :func:`escape_pynetdicom_logs`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = message.translate(_CONTROL)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
+
+
+_ESCAPE = EscapeControlCharacters()
+
+
+def escape_pynetdicom_logs() -> None:
+    """Put :class:`EscapeControlCharacters` on every ``pynetdicom`` logger (a logger's
+    filters do not apply to its children's records, so each gets one)."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
+    for name in ("pynetdicom", *names):
+        log = logging.getLogger(name)
+        if _ESCAPE not in log.filters:
+            log.addFilter(_ESCAPE)
 
 
 def peer_host(address: Any) -> str:
@@ -235,6 +272,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         limits: ServerLimits | None = None,
         allowed_networks: Iterable[Network] = (),
     ) -> None:
+        escape_pynetdicom_logs()
         self.limits = limits if limits is not None else ServerLimits()
         self._networks = tuple(allowed_networks)
         self._lock = threading.Lock()

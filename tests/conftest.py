@@ -1,5 +1,6 @@
 """Shared fixtures of the tests: a tiny random-weight model, a pynetdicom receiver, an
-Orthanc server, a tiny trained cascade, logger levels restored after each test.
+Orthanc server, test TLS certificates, a tiny trained cascade, logger levels restored
+after each test.
 
 The helpers they use are in ``tests/helpers.py`` and ``tests/factories.py``.
 """
@@ -18,6 +19,7 @@ from tests.helpers import (
     ORTHANC,
     OrthancServer,
     Receiver,
+    openssl_cert,
     write_tiny_model,
 )
 
@@ -26,6 +28,14 @@ from tests.helpers import (
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the tiny random ASN checkpoint (``fpr.pt`` lies next to it)."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
+    """A "server" and a "client" self-signed certificate (skips without openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (needed to make a test certificate)")
+    return {name: openssl_cert(tmp_path, name) for name in ("server", "client")}
 
 
 @pytest.fixture

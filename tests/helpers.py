@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -80,18 +82,24 @@ def make_settings(
     send_check_seconds: float = 0.5,
     lease_check_seconds: float = 1.0,
     allowed_calling_aets: tuple[str, ...] = (),
+    node_options: dict[str, Any] | None = None,
 ) -> Settings:
-    """Node settings for tests: store under ``root``, loopback, fast intervals, CPU."""
+    """Node settings for tests: store under ``root``, loopback, fast intervals, CPU.
+
+    ``node_options`` adds or overrides ``[node]`` keys (TLS, allow-lists, limits).
+    """
+    node: dict[str, Any] = {
+        "ae_title": "CALCNODE",
+        "host": "127.0.0.1",
+        "port": port,
+        "allowed_calling_aets": allowed_calling_aets,
+        "acse_timeout_seconds": 5.0,
+        "dimse_timeout_seconds": 30.0,
+        "network_timeout_seconds": 30.0,
+        **(node_options or {}),
+    }
     return Settings(
-        node=NodeSettings(
-            ae_title="CALCNODE",
-            host="127.0.0.1",
-            port=port,
-            allowed_calling_aets=allowed_calling_aets,
-            acse_timeout_seconds=5.0,
-            dimse_timeout_seconds=30.0,
-            network_timeout_seconds=30.0,
-        ),
+        node=NodeSettings(**node),
         storage=StorageSettings(root=root, min_free_mb=0, retention_days=30),
         study=StudySettings(quiet_seconds=quiet_seconds),
         outputs=OutputSettings(kinds=kinds),
@@ -122,6 +130,59 @@ def make_settings(
         ),
         logging=LoggingSettings(level="INFO", pynetdicom_level="WARNING"),
     )
+
+
+# --------------------------------------------------------------------------- serve process
+REPO = Path(__file__).resolve().parent.parent
+#: ``python -c SERVE <config> <workers>`` runs ``calcnode serve`` in a fresh process.
+SERVE = (
+    "import sys; from node.settings import load_settings; from node.service import serve; "
+    "sys.exit(serve(load_settings(sys.argv[1]), workers=int(sys.argv[2])))"
+)
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """``settings`` as a TOML configuration file at ``path``."""
+    from node.settings import dump_toml
+
+    path.write_text(dump_toml(settings))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without CALCNODE_* overrides nor $NOTIFY_SOCKET, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALCNODE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def start_serve(config: Path, workers: int, env: dict[str, str], log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    """``calcnode serve`` on ``config`` with its output (stdout and stderr) in ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(config), str(workers)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def openssl_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate and its key (``<name>.crt``, ``<name>.key``)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec"),
+            *("-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    return cert, key
 
 
 def receive(

@@ -509,45 +509,6 @@ def test_associations_beyond_max_associations_are_rejected(
 # ----------------------------------------------------------------------------- TLS
 
 
-def _openssl_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            *(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ),
-            *(
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                f"/CN={name}",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ),
-        ],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
-    return cert, key
-
-
-@pytest.fixture
-def certificates(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (needed to make a test certificate)")
-    return {name: _openssl_cert(tmp_path, name) for name in ("server", "client")}
-
-
 def _client_context(server_cert: Path, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
     context.check_hostname = False  # the test certificate names no host

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,35 +16,21 @@ from factories import make_mg_dataset
 
 from node.errors import ConfigError
 from node.service import format_status, retry_job, serve, status
-from node.settings import DestinationSettings, Settings, dump_toml
+from node.settings import DestinationSettings
 from storage.errors import JobNotFoundError
 from tests.helpers import (
+    REPO,
+    SERVE,
     FakeDetector,
     Receiver,
+    clean_env,
     free_port,
     make_settings,
     make_worker,
     receive,
+    start_serve,
+    write_config,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-SERVE = (
-    "import sys; from node.settings import load_settings; from node.service import serve; "
-    "sys.exit(serve(load_settings(sys.argv[1]), workers=int(sys.argv[2])))"
-)
-
-
-def write_config(path: Path, settings: Settings) -> Path:
-    path.write_text(dump_toml(settings))
-    return path
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALCNODE_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 class NotifySocket:
@@ -102,16 +87,6 @@ def echo(port: int, *, called: str = "CALCNODE") -> int:
         return int(assoc.send_c_echo().Status)
     finally:
         assoc.release()
-
-
-def start_serve(config: Path, workers: int, env: dict[str, str], log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
-    return subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(config), str(workers)],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 def test_serve_process_answers_echo_and_exits_0_on_sigterm(
