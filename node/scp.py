@@ -2,9 +2,12 @@
 
 :class:`StorageSCP` runs a pynetdicom server (one thread per association) that
 
-* accepts or rejects each association (source address, calling and called AE title,
-  number of concurrent associations, optional TLS) and logs every rejection with its
-  reason — the peer's AE title and address, never patient data;
+* listens with :class:`node.server.GuardedAssociationServer`, which checks the source
+  address and the connections per address before any work, runs the TLS handshake in
+  the connection's own thread within a timeout, and bounds what a peer may send;
+* accepts or rejects each association (calling and called AE title, number of
+  concurrent associations) and logs every rejection with its reason — the peer's AE
+  title and address, never patient data;
 * answers C-ECHO (Verification);
 * answers C-STORE for the two Digital Mammography X-Ray Image Storage SOP classes, in
   uncompressed and compressed transfer syntaxes (:data:`ACCEPTED_TRANSFER_SYNTAXES`),
@@ -13,21 +16,26 @@
 The C-STORE handler persists before it answers. pynetdicom sends the response when the
 handler returns, so the order in the handler is the durability contract:
 
+0. the data set as received within ``node.max_instance_mb`` → else 0xA720; the request's
+   SOP Instance and SOP Class UIDs valid by the DICOM grammar → else 0xC210 (the
+   attribute named, never the value, which could forge a log line or be a path);
 1. free space above ``storage.min_free_mb`` → else 0xA700 (Refused: Out of Resources);
 2. a mammogram SOP class → else 0x0122 (Refused: SOP Class Not Supported);
 3. the header: parsed up to the pixel data only (no decoding), checked by
    :func:`cascade.data.io.check_mammogram_header`, plus the pixel data element itself
-   (present, not truncated, native or encapsulated as the transfer syntax says) → else
-   0xC210 (Cannot Understand) or 0xA900 (Data Set Does Not Match SOP Class), with an
-   Error Comment;
+   (present, not truncated, native or encapsulated as the transfer syntax says), the
+   identifying UIDs valid by the grammar → else 0xC210 (Cannot Understand) or 0xA900
+   (Data Set Does Not Match SOP Class), with an Error Comment. A Deflated data set is
+   inflated as it is parsed, never whole, up to ``node.max_inflated_mb`` → else 0xA721;
 4. the file, written as received (no re-encoding) through
    :meth:`storage.filestore.FileStore.write_atomic` (temporary file, fsync, rename,
    directory fsync) → a full disk during the write is 0xA700;
 5. the job: steps 4 and 5 are one call, :meth:`storage.jobs.Jobs.receive`, which
    decides new / duplicate / replacement from the digest before writing;
 6. only then 0x0000. A failure after step 4 removes the file just written (no orphan
-   file, no job pointing at a missing file) and answers 0xC211 (0xA700 for a full
-   disk). No inference happens here: the worker does that from the queue.
+   file, no job pointing at a missing file) and answers 0xA710 when the database failed
+   (transient: the sender retries), 0xA700 for a full disk, 0xC211 for anything else.
+   No inference happens here: the worker does that from the queue.
 
 Re-sends: the same SOP Instance UID with the same bytes is a duplicate (success, stored
 and processed once); with different bytes it replaces the earlier instance and is
