@@ -248,6 +248,20 @@ def test_silent_sockets_from_one_address_hold_at_most_associations_per_host(
     )
 
 
+def test_a_pdu_longer_than_the_node_reads_closes_the_connection_at_once(
+    plain_node: ServedNode,
+) -> None:
+    with socket.create_connection(("127.0.0.1", plain_node.port), timeout=TIMEOUT) as sock:
+        # An A-ASSOCIATE-RQ header announcing 1 GiB, then nothing. Before: the node's
+        # reader waited for the gigabyte in a blocking recv() for as long as the peer
+        # kept the socket open, and would have buffered it all.
+        sock.sendall(b"\x01\x00" + (1 << 30).to_bytes(4, "big"))
+        assert sock.recv(1024) == b""  # closed by the node (a timeout would raise)
+    assert plain_node.wait_for_log(
+        r"association from 127\.0\.0\.1:\d+ aborted: a PDU of 1073741824"
+    )
+
+
 # ----------------------------------------------------------------------------- 3. deflate bomb
 
 
