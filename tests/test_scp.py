@@ -318,6 +318,24 @@ def test_store_accepts_other_uncompressed_transfer_syntaxes(
     np.testing.assert_array_equal(stored.pixel_array, ds.pixel_array)
 
 
+def test_deflated_instance_with_a_large_private_element_is_stored_as_received(
+    make_node: Callable[..., Node],
+) -> None:
+    # The header parser skips the 3-MB element (values over 1 MiB are not read) and the
+    # inflating reader drops what it skips: the instance is still checked and kept whole.
+    node = make_node()
+    ds = make_mg_dataset(rows=64, columns=48)
+    ds.add_new(0x00090010, "LO", "CALCNODE TEST")
+    ds.add_new(0x00091000, "OB", np.random.default_rng(0).bytes(3 * 1024 * 1024))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    (rsp,) = store_datasets(node.port, [ds])
+    assert status_of(rsp) == 0x0000
+    (stored_path,) = node.instance_files()
+    stored = pydicom.dcmread(stored_path)
+    assert stored[0x00091000].value == ds[0x00091000].value
+    np.testing.assert_array_equal(stored.pixel_array, ds.pixel_array)
+
+
 def test_duplicate_is_stored_once_with_one_job(make_node: Callable[..., Node]) -> None:
     node = make_node()
     ds = make_mg_dataset()
