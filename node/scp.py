@@ -252,7 +252,7 @@ class _InflatingReader:
         self._position = 0
         self._eof = False
 
-    def _inflate_some(self) -> None:
+    def _inflate_some(self, *, keep: bool = True) -> None:
         if self._eof:
             return
         if self._pending:
@@ -268,6 +268,11 @@ class _InflatingReader:
         self._produced += len(out)
         if self._produced > self._limit:
             raise _InflateLimitError
+        if not keep:  # counted, not kept
+            self._window_start += len(self._window) + len(out)
+            self._window.clear()
+            self._position = max(self._position, self._window_start)
+            return
         keep_from = self._position - self._KEEP
         self._window += out
         if keep_from > self._window_start:
@@ -281,8 +286,7 @@ class _InflatingReader:
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
-            self.drain()
-            end = self._produced
+            raise OSError("read() of an inflated stream needs a size")
         else:
             end = self._position + size
             self._ensure(end)
@@ -306,9 +310,10 @@ class _InflatingReader:
         return target
 
     def drain(self) -> int:
-        """Inflate to the end; return the inflated length."""
+        """Inflate to the end, keeping nothing (the position moves to the end); return
+        the inflated length."""
         while not self._eof:
-            self._inflate_some()
+            self._inflate_some(keep=False)
         return self._produced
 
 
