@@ -8,12 +8,14 @@ The helpers they use are in ``tests/helpers.py`` and ``tests/factories.py``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import (
     ORTHANC,
@@ -80,13 +82,39 @@ def _restore_logger_levels() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
+def _built_once(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
+) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run.
+
+    Under pytest-xdist every worker is its own session; session fixtures would train the
+    tiny cascade once per worker. The workers share the parent of their base temporary
+    folders, so the first worker to get there builds the folder under a file lock and the
+    others wait for it and reuse it (the pattern of pytest-xdist's documentation). The
+    folders are read-only for the tests that use them.
+    """
+    base = factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def _render_phantoms(out: Path) -> None:
+    from cascade.synthesis import generate_dataset
+
+    generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
+
+
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small phantoms (seed 0) and their manifest."""
-    from cascade.synthesis import generate_dataset
-
-    out = tmp_path_factory.mktemp("phantoms")
-    return generate_dataset(out, count=4, seed=0, size="small", preview=False, progress=False)
+    return _built_once(tmp_path_factory, "phantoms", _render_phantoms) / "manifest.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -94,48 +122,55 @@ def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The phantoms that have µCs (fewer images: faster loading)."""
     from cascade.data.manifest import read_manifest, write_manifest
 
-    recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
-    assert recs, "the phantom set has no µC"
-    return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", recs)
+    def build(out: Path) -> None:
+        recs = [r for r in read_manifest(phantoms) if r.calcifications][:2]
+        assert recs, "the phantom set has no µC"
+        write_manifest(out / "manifest.jsonl", recs)
+
+    return _built_once(tmp_path_factory, "small", build) / "manifest.jsonl"
 
 
 @pytest.fixture(scope="session")
 def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of the "tiny" ASN preset trained on ``small_manifest`` (slow tests)."""
-    from cascade.training import ASN_PRESETS, train_asn
 
-    out = tmp_path_factory.mktemp("asn")
-    import torch
+    def build(out: Path) -> None:
+        import torch
 
-    torch.set_num_threads(2)
-    best = train_asn(
-        manifest=small_manifest,
-        out=out,
-        config=ASN_PRESETS["tiny"],
-        val_manifest=small_manifest,
-        device="cpu",
-        progress=False,
-    )
-    assert best == out / "best.pt"
-    return out
+        from cascade.training import ASN_PRESETS, train_asn
+
+        torch.set_num_threads(2)
+        best = train_asn(
+            manifest=small_manifest,
+            out=out,
+            config=ASN_PRESETS["tiny"],
+            val_manifest=small_manifest,
+            device="cpu",
+            progress=False,
+        )
+        assert best == out / "best.pt"
+
+    return _built_once(tmp_path_factory, "asn", build)
 
 
 @pytest.fixture(scope="session")
 def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of the "tiny" FPR preset trained on ``asn_run``'s candidates."""
-    from dataclasses import replace
 
-    from cascade.training import FPR_PRESETS, train_fpr
+    def build(out: Path) -> None:
+        from dataclasses import replace
 
-    out = tmp_path_factory.mktemp("fpr")
-    best = train_fpr(
-        manifest=small_manifest,
-        asn_checkpoint=asn_run / "best.pt",
-        out=out,
-        config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
-        val_manifest=small_manifest,
-        device="cpu",
-        progress=False,
-    )
-    assert best == out / "best.pt"
-    return out
+        from cascade.training import FPR_PRESETS, train_fpr
+
+        best = train_fpr(
+            manifest=small_manifest,
+            asn_checkpoint=asn_run / "best.pt",
+            out=out,
+            config=replace(FPR_PRESETS["tiny"], proposal={"max_candidates": 20}),
+            val_manifest=small_manifest,
+            device="cpu",
+            progress=False,
+        )
+        assert best == out / "best.pt"
+
+    return _built_once(tmp_path_factory, "fpr", build)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -853,6 +854,12 @@ def test_load_detector_reports_at_the_operating_point_of_the_settings(
 # decision then removes about half of the candidates, whatever the exact training.
 
 TARGET_FP = 1.0
+#: The tests of the tiny cascade's module fixtures run on one xdist worker (built once).
+
+
+def tiny_cascade_test(test: Callable[..., None]) -> Callable[..., None]:
+    """Mark a slow test of the tiny cascade's module fixtures: one xdist worker runs them."""
+    return pytest.mark.slow(pytest.mark.xdist_group("tiny_cascade")(test))
 
 
 @pytest.fixture(scope="module")
@@ -925,7 +932,7 @@ def _truth(rec: Any) -> np.ndarray:
     return np.array([[c.x, c.y] for c in rec.calcifications], dtype=np.float64).reshape(-1, 2)
 
 
-@pytest.mark.slow
+@tiny_cascade_test
 def test_train_calibrate_stores_an_operating_point_within_the_target(
     calibrated: tuple[Path, float, dict[str, Any]],
     every_candidate: list[tuple[Any, ImageDetections]],
@@ -956,7 +963,7 @@ def test_train_calibrate_stores_an_operating_point_within_the_target(
     assert again.calibration["recall"] == cal["recall"]
 
 
-@pytest.mark.slow
+@tiny_cascade_test
 def test_calibrated_detector_returns_the_candidates_its_operating_point_keeps(
     calibrated: tuple[Path, float, dict[str, Any]],
     every_candidate: list[tuple[Any, ImageDetections]],
@@ -994,7 +1001,7 @@ def test_calibrated_detector_returns_the_candidates_its_operating_point_keeps(
     assert reported_recall == pytest.approx(op.calibration["recall"])
 
 
-@pytest.mark.slow
+@tiny_cascade_test
 def test_calibrated_detector_limits_the_count_to_the_top_scores(
     calibrated: tuple[Path, float, dict[str, Any]],
     every_candidate: list[tuple[Any, ImageDetections]],
@@ -1009,7 +1016,7 @@ def test_calibrated_detector_limits_the_count_to_the_top_scores(
     assert kept.detections == every.detections[:3]
 
 
-@pytest.mark.slow
+@tiny_cascade_test
 def test_detect_command_reports_at_the_operating_point_unless_all_candidates(
     calibrated: tuple[Path, float, dict[str, Any]],
     every_candidate: list[tuple[Any, ImageDetections]],

@@ -21,7 +21,8 @@ from node.reports import Provenance, build_cad_sr, build_gsps, build_seg, build_
 from tests import validators as v
 from tests.factories import make_mg_dataset
 
-pytestmark = [pytest.mark.external]
+# One worker builds and validates every object once (PixelMed: one JVM for all files).
+pytestmark = [pytest.mark.external, pytest.mark.xdist_group("report_validators")]
 
 #: dciodvfy (dicom3tools 2022) does not know Device UID (0018,1002), which calcnode writes
 #: in General Equipment and in the Contributing Equipment item (see docs/conformance.md).
