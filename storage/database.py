@@ -26,10 +26,11 @@ sub-select takes ``FOR UPDATE SKIP LOCKED``.
 Schema version
 --------------
 The database is created from the models (``create_all``) and stamped with
-:data:`storage.models.SCHEMA_VERSION`; opening checks the stamp and refuses any other
-version, or a file that is not a calcnode database, with
-:class:`~storage.errors.SchemaVersionError`. There is no migration machinery: adopt
-Alembic when the first real migration is needed.
+:data:`storage.models.SCHEMA_VERSION`; opening checks the stamp, applies the upgrades it
+knows (:data:`UPGRADES`: 1 → 2 adds ``studies.report_error``), in the same transaction,
+and refuses any other version, or a file that is not a calcnode database, with
+:class:`~storage.errors.SchemaVersionError`. Adopt Alembic when an upgrade is more than
+a statement or two.
 
 Times are timezone-aware UTC datetimes. Every method that depends on the time takes an
 optional keyword ``now`` (tests inject it); otherwise the database's clock is used.
@@ -46,7 +47,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect, select
+from sqlalchemy import Engine, create_engine, event, insert, inspect, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
@@ -54,13 +55,19 @@ from sqlalchemy.pool import StaticPool
 
 from storage import jobs, sends, studies
 from storage.common import check_int, check_seconds, check_time
-from storage.errors import SchemaVersionError, StorageError
+from storage.errors import DatabaseUnavailableError, SchemaVersionError, StorageError
 from storage.models import APPLICATION_NAME, SCHEMA_VERSION, Base, SchemaVersion, utcnow
 from storage.policy import QueuePolicy
 
-__all__ = ["Database", "open_database", "prepare_schema", "read_schema_version"]
+__all__ = ["UPGRADES", "Database", "open_database", "prepare_schema", "read_schema_version"]
 
 logger = logging.getLogger(__name__)
+
+#: Schema upgrades: from version → the statements that make it the next version. Each is
+#: plain SQL both SQLite and PostgreSQL run, applied in the opening transaction.
+UPGRADES: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE studies ADD COLUMN report_error TEXT",),
+}
 
 
 # --------------------------------------------------------------------------- engine
@@ -121,6 +128,11 @@ def _display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _first_line(error: object) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -174,7 +186,8 @@ def prepare_schema(engine: Engine, *, create: bool = True) -> int:
     Returns
     -------
     int
-        The version the database had (0 for a database created now).
+        The version the database has now (0 for a database created now): an older one
+        is upgraded by :data:`UPGRADES` where they reach :data:`SCHEMA_VERSION`.
 
     Raises
     ------
@@ -198,6 +211,14 @@ def prepare_schema(engine: Engine, *, create: bool = True) -> int:
             )
             logger.info("created database schema version %d", SCHEMA_VERSION)
             return 0
+        start = found
+        while found < SCHEMA_VERSION and found in UPGRADES:
+            for statement in UPGRADES[found]:
+                conn.exec_driver_sql(statement)
+            found += 1
+            conn.execute(update(SchemaVersion).values(version=found, updated_at=utcnow()))
+        if found != start:
+            logger.info("upgraded the database schema from version %d to %d", start, found)
         if found > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"the database has schema version {found}, newer than version "
@@ -251,15 +272,34 @@ def open_database(
         The database has another schema version, is not a calcnode database (including
         a file that is not a database at all), or is missing/empty while ``create`` is
         false.
+    DatabaseUnavailableError
+        The database cannot be reached or opened (a server that does not answer, a
+        file that cannot be opened or created, no driver installed for the URL); the
+        message names the URL (password hidden) and the driver's reason.
     """
     if not isinstance(url, str) or not url:
         raise TypeError(f"url must be a non-empty str, got {url!r}")
     check_seconds("busy_timeout_seconds", busy_timeout_seconds)
     if policy is not None and not isinstance(policy, QueuePolicy):
         raise TypeError(f"policy must be a QueuePolicy, got {type(policy).__name__}")
-    engine = _make_engine(url, create=create, busy_timeout_seconds=busy_timeout_seconds)
+    try:
+        engine = _make_engine(url, create=create, busy_timeout_seconds=busy_timeout_seconds)
+    except ImportError as exc:  # the DBAPI module of the URL's dialect
+        raise DatabaseUnavailableError(
+            f"cannot open {_display_url(url)}: its database driver is not installed ({exc})"
+        ) from exc
+    except OSError as exc:  # the SQLite file's folder cannot be made
+        raise DatabaseUnavailableError(
+            f"cannot open {_display_url(url)}: {exc.strerror or exc}"
+        ) from exc
     try:
         prepare_schema(engine, create=create)
+    except OperationalError as exc:
+        # Not the content: the server is down, the file cannot be opened, access denied.
+        engine.dispose()
+        raise DatabaseUnavailableError(
+            f"cannot open {_display_url(url)}: {_first_line(exc.orig)}"
+        ) from exc
     except DatabaseError as exc:
         engine.dispose()
         raise SchemaVersionError(
@@ -386,7 +426,10 @@ class Database:
         dict
             ``{"jobs": {state: n}, "sends": {state: n}, "studies": {state: n},
             "recent_errors": [{"kind", "id", "uid", "state", "attempts", "at",
-            "error"}, ...]}``, errors newest first, texts cut to 300 characters.
+            "error"}, ...]}``, errors newest first, texts cut to 300 characters. Kinds:
+            ``job`` (its last error; a done job's is a result object not made),
+            ``send``, ``study`` (ended with a report error; ``attempts`` None);
+            studies are counted by :data:`storage.studies.SHOWN_STUDY_STATES`.
         """
         check_int("recent_errors", recent_errors, minimum=0)
         with self.transaction() as s:
@@ -395,7 +438,11 @@ class Database:
                 "sends": sends.state_counts(s),
                 "studies": studies.state_counts(s),
             }
-            errors = jobs.recent_errors(s, recent_errors) + sends.recent_errors(s, recent_errors)
+            errors = (
+                jobs.recent_errors(s, recent_errors)
+                + sends.recent_errors(s, recent_errors)
+                + studies.recent_errors(s, recent_errors)
+            )
         errors.sort(key=lambda e: e["at"], reverse=True)
         summary["recent_errors"] = errors[:recent_errors]
         return summary

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "DatabaseUnavailableError",
     "DiskFullError",
     "JobNotFoundError",
     "LeaseLostError",
@@ -49,6 +50,11 @@ class DiskFullError(StorageError):
 
 class SchemaVersionError(StorageError):
     """The database has a newer schema than this code, or is not a calcnode database."""
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached or opened at all (server down, a path that cannot
+    be opened, no driver for its URL): nothing is wrong with its content."""
 
 
 class JobNotFoundError(StorageError, LookupError):

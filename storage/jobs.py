@@ -286,12 +286,16 @@ class Jobs(Intake):
         worker_id: str,
         *,
         result: Mapping[str, Any],
+        warning: str | None = None,
         now: dt.datetime | None = None,
     ) -> None:
         """Mark a held job done and store the worker's JSON summary.
 
         By convention ``result["paths"]`` lists produced files relative to the store
-        root (``Database.purge_done_before`` returns them for removal).
+        root (``Database.purge_done_before`` returns them for removal). ``warning``
+        (e.g. a result object that could not be made) is kept as the done job's
+        ``last_error``, so that ``status_summary`` lists it; without it the job's
+        earlier error is cleared.
 
         Raises
         ------
@@ -312,7 +316,8 @@ class Jobs(Intake):
             job = self._owned(s, job_id, worker_id)
             job.state = "done"
             job.result = payload
-            job.lease_owner = job.lease_expires_at = job.last_error = None
+            job.lease_owner = job.lease_expires_at = None
+            job.last_error = cut_error(warning) if warning else None
             job.updated_at = now
         logger.info("job %d done by %s", job_id, worker_id)
 

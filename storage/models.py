@@ -8,7 +8,9 @@ Tables
     ``queued → running → done | failed`` with attempts, lease and back-off.
 ``studies``
     One row per Study Instance UID: arrival times and the report bookkeeping used by
-    the quiet-period rule (``open`` = content not yet reported, ``reported``).
+    the quiet-period rule (``open`` = content not yet reported, ``reported``), and
+    ``report_error``: why no report can be made of its current content (a study whose
+    content is dealt with but not reported, shown as *failed*).
 ``sends``
     Outbound C-STOREs of produced objects, ``pending → sent | failed``.
 ``schema_version``
@@ -26,8 +28,9 @@ Schema version
 --------------
 :data:`SCHEMA_VERSION` is the version these models describe, stamped into
 ``schema_version`` when :func:`storage.database.prepare_schema` creates a database and
-checked every time one is opened: any other version is refused. There are no migrations
-yet; adopt Alembic when the first real one is needed (and bump :data:`SCHEMA_VERSION`).
+checked every time one is opened. :func:`storage.database.prepare_schema` knows one
+upgrade (1 → 2: ``studies.report_error``), applied at open; any other version is
+refused. Adopt Alembic when upgrades stop being one statement.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ __all__ = [
     "utcnow",
 ]
 
-#: The schema version the models in this module describe.
-SCHEMA_VERSION = 1
+#: The schema version the models in this module describe (2: ``studies.report_error``).
+SCHEMA_VERSION = 2
 
 #: Written into ``schema_version.application``: recognises a calcnode database.
 APPLICATION_NAME = "calcnode"
@@ -129,8 +132,10 @@ class Study(Base):
 
     ``content_generation`` increases whenever the study's content changes (a new image,
     a changed re-send, an admin retry of one of its jobs); ``state`` is ``open`` while
-    that content has not been reported, ``reported`` once it has. ``report_version``
-    is the version of the last report made (0 = none yet).
+    that content has not been reported, ``reported`` once it has — or once it is known
+    that no report can be made of it: then ``report_error`` says why (the study is
+    shown as *failed*; new content re-opens it). ``report_version`` is the version of
+    the last report made (0 = none yet).
     """
 
     __tablename__ = "studies"
@@ -149,6 +154,7 @@ class Study(Base):
     report_version: Mapped[int] = mapped_column(Integer, default=0)
     reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     last_report_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    report_error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Job(Base):

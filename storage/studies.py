@@ -8,6 +8,11 @@ changed re-send, an admin retry of one of its jobs) and re-opens it; a study is 
 jobs is queued or running. The report made for it gets ``report_version + 1``
 (:meth:`Studies.mark_study_reported`); an image that arrived while the report was
 built keeps the study open, so it is due again with the next version.
+
+When no report can be made of a study's content at all (its images disagree on the
+patient, say), :meth:`Studies.mark_study_failed` ends it with the reason
+(``report_error``): its snapshot's state is then ``failed`` (stored as ``reported``
+with a reason: the content is dealt with), and only new content re-opens it.
 """
 
 from __future__ import annotations
@@ -15,27 +20,47 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, literal, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import ScalarSelect
 
-from storage.common import check_int, check_seconds, check_uid, snapshot, snapshot_columns
+from storage.common import (
+    check_int,
+    check_seconds,
+    check_uid,
+    cut_error,
+    snapshot,
+    snapshot_columns,
+)
 from storage.errors import StudyNotFoundError
 from storage.models import STUDY_STATES, Job, Study
 
 if TYPE_CHECKING:
     from storage.database import Database
 
-__all__ = ["Studies", "StudyDue", "StudyInfo", "reopen_study", "state_counts", "touch_study"]
+__all__ = [
+    "SHOWN_STUDY_STATES",
+    "Studies",
+    "StudyDue",
+    "StudyInfo",
+    "recent_errors",
+    "reopen_study",
+    "state_counts",
+    "touch_study",
+]
+
+#: The states a study is shown in: the stored ones, and ``failed`` (``reported`` with a
+#: ``report_error``: no report could be made of its content).
+SHOWN_STUDY_STATES = (*STUDY_STATES, "failed")
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StudyInfo:
-    """A snapshot of one study row."""
+    """A snapshot of one study row; ``state`` is one of :data:`SHOWN_STUDY_STATES`."""
 
     study_instance_uid: str
     state: str
@@ -46,6 +71,7 @@ class StudyInfo:
     last_received_at: dt.datetime
     reported_at: dt.datetime | None
     last_report_at: dt.datetime | None
+    report_error: str | None
 
 
 @dataclass(frozen=True)
@@ -87,7 +113,12 @@ def _jobs_in_state(state: str) -> ScalarSelect[int]:
     )
 
 
-_STUDY_INFO = snapshot_columns(StudyInfo, Study)
+#: The state shown: ``failed`` for a study ended with a report error.
+_SHOWN_STATE = case(
+    (and_(Study.state == "reported", Study.report_error.is_not(None)), literal("failed")),
+    else_=Study.state,
+)
+_STUDY_INFO = snapshot_columns(StudyInfo, Study, state=_SHOWN_STATE)
 _STUDY_DUE = snapshot_columns(
     StudyDue,
     Study,
@@ -150,14 +181,43 @@ def _reopen(study: Study) -> None:
     if study.state != "open":
         logger.info("study %s re-opened: its content changed", study.study_instance_uid)
     study.state = "open"
+    study.report_error = None  # about the old content
 
 
 def state_counts(s: Session) -> dict[str, int]:
-    """Studies per state (every state present, 0 when none)."""
-    counts = dict.fromkeys(STUDY_STATES, 0)
-    for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
+    """Studies per shown state (:data:`SHOWN_STUDY_STATES`, 0 when none)."""
+    counts = dict.fromkeys(SHOWN_STUDY_STATES, 0)
+    for state, n in s.execute(select(_SHOWN_STATE, func.count()).group_by(_SHOWN_STATE)):
         counts[state] = n
     return counts
+
+
+def recent_errors(s: Session, limit: int) -> list[dict[str, Any]]:
+    """Studies ended with a report error, newest first (``status_summary``'s entries)."""
+    if not limit:
+        return []
+    rows = s.execute(
+        select(
+            literal("study").label("kind"),
+            Study.id.label("id"),
+            Study.study_instance_uid.label("uid"),
+            literal("failed").label("state"),
+            Study.last_report_at.label("at"),
+            Study.report_error.label("error"),
+        )
+        .where(Study.state == "reported", Study.report_error.is_not(None))
+        .order_by(Study.last_report_at.desc(), Study.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            **row._asdict(),
+            "attempts": None,
+            "at": (row.at or dt.datetime.min.replace(tzinfo=dt.UTC)).isoformat(),
+            "error": row.error[:300],
+        }
+        for row in rows
+    ]
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -244,6 +304,7 @@ class Studies:
             if study.reported_at is None:
                 study.reported_at = now
             study.last_report_at = now
+            study.report_error = None
             if generation is not None and generation != study.content_generation:
                 study.state = "open"
                 logger.info(
@@ -255,6 +316,59 @@ class Studies:
                 return False
             study.state = "reported"
         logger.info("study %s reported at version %d", uid, version)
+        return True
+
+    def mark_study_failed(
+        self,
+        study_instance_uid: str,
+        *,
+        error: str,
+        generation: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> bool:
+        """End a study of which no report can be made, with the reason.
+
+        The study is no longer due (its snapshot's state is ``failed``, its
+        ``report_error`` the reason) until its content changes: a new or changed image,
+        or an admin retry of one of its jobs, re-opens it. Its report version does not
+        change (no report was made); ``last_report_at`` is the time of the attempt.
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            The study.
+        error : str
+            Why, without patient data (cut to 4000 characters).
+        generation : int or None
+            ``StudyDue.generation``: when the content changed since, the study stays
+            open (the new content may well be reportable).
+        now : datetime or None
+            Current time (aware).
+
+        Returns
+        -------
+        bool
+            True when the study is now failed, False when it stays open.
+
+        Raises
+        ------
+        StudyNotFoundError
+            No such study.
+        """
+        uid = check_uid("study_instance_uid", study_instance_uid)
+        text = cut_error(error)
+        if generation is not None:
+            check_int("generation", generation, minimum=0)
+        now = self._db.now(now)
+        with self._db.transaction() as s:
+            study = _study(s, uid)
+            if study is None:
+                raise StudyNotFoundError(f"no study with Study Instance UID {uid}")
+            if generation is not None and generation != study.content_generation:
+                return False
+            study.state = "reported"
+            study.report_error = text
+            study.last_report_at = now
         return True
 
     def get_study(self, study_instance_uid: str) -> StudyInfo:

@@ -17,6 +17,7 @@ from sqlalchemy import inspect, text
 import storage.database
 from storage.database import Database, open_database, prepare_schema
 from storage.errors import (
+    DatabaseUnavailableError,
     DiskFullError,
     JobNotFoundError,
     LeaseLostError,
@@ -855,13 +856,58 @@ def test_status_summary_counts_states_and_lists_recent_errors(db: Database) -> N
 
     assert summary["jobs"] == {"queued": 1, "running": 1, "done": 0, "failed": 1}
     assert summary["sends"] == {"pending": 1, "sent": 0, "failed": 0}
-    assert summary["studies"] == {"open": 1, "reported": 0}
+    assert summary["studies"] == {"open": 1, "reported": 0, "failed": 0}
     errors = summary["recent_errors"]
     assert [(e["kind"], e["error"]) for e in errors] == [
         ("send", "connection refused"),
         ("job", "cannot decode"),
     ]
     assert set(errors[0]) == {"kind", "id", "uid", "state", "attempts", "at", "error"}
+
+
+def test_a_study_ended_with_a_report_error_is_failed_not_due_and_listed(db: Database) -> None:
+    enqueue(db, "1.1", now=at(0))
+    finish(db, now=at(1))
+    [due] = db.studies.due_studies(quiet_seconds=0, now=at(2))
+    reason = "ValueError: study[1] has another PatientID"
+    assert db.studies.mark_study_failed(STUDY, error=reason, generation=due.generation, now=at(3))
+    study = db.studies.get_study(STUDY)
+    assert (study.state, study.report_version) == ("failed", 0)
+    assert study.report_error == reason
+    assert db.studies.due_studies(quiet_seconds=0, now=at(100)) == []
+    summary = db.status_summary()
+    assert summary["studies"] == {"open": 0, "reported": 0, "failed": 1}
+    [error] = summary["recent_errors"]
+    assert (error["kind"], error["uid"], error["state"]) == ("study", STUDY, "failed")
+    assert "another PatientID" in error["error"]
+    # New content re-opens it (the reason is about the old content), and it is due again.
+    enqueue(db, "1.2", now=at(10))
+    finish(db, now=at(11))
+    assert db.studies.get_study(STUDY).state == "open"
+    [due] = db.studies.due_studies(quiet_seconds=0, now=at(12))
+    assert db.studies.mark_study_reported(STUDY, due.version, generation=due.generation, now=at(13))
+    assert db.studies.get_study(STUDY).report_error is None
+
+
+def test_a_report_error_of_older_content_leaves_the_study_open(db: Database) -> None:
+    enqueue(db, "1.1", now=at(0))
+    finish(db, now=at(1))
+    [due] = db.studies.due_studies(quiet_seconds=0, now=at(2))
+    enqueue(db, "1.2", now=at(3))  # arrives while the report is attempted
+    assert not db.studies.mark_study_failed(
+        STUDY, error="ValueError: x", generation=due.generation, now=at(4)
+    )
+    assert db.studies.get_study(STUDY).state == "open"
+
+
+def test_a_done_job_keeps_a_warning_as_its_last_error(db: Database) -> None:
+    job_id = enqueue(db, "1.1").job_id
+    job = db.jobs.claim("w", lease_seconds=60, now=at(1))
+    assert job is not None
+    db.jobs.complete(job.job_id, "w", result={}, warning="gsps not made: ValueError", now=at(2))
+    info = db.jobs.get_job(job_id)
+    assert (info.state, info.last_error) == ("done", "gsps not made: ValueError")
+    assert db.status_summary()["recent_errors"][0]["error"] == "gsps not made: ValueError"
 
 
 def test_purge_done_before_removes_reported_rows_and_returns_their_files(db: Database) -> None:
@@ -938,7 +984,10 @@ def test_fresh_database_uses_wal_foreign_keys_and_records_the_schema_version(
 def test_open_refuses_a_database_with_a_newer_schema_version(tmp_path: Path) -> None:
     open_database(db_url(tmp_path)).close()
     _set_version(tmp_path / "node.db", SCHEMA_VERSION + 98)
-    with pytest.raises(SchemaVersionError, match=r"schema version 99, newer than version 1"):
+    newer = SCHEMA_VERSION + 98
+    with pytest.raises(
+        SchemaVersionError, match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}"
+    ):
         open_database(db_url(tmp_path))
 
 
@@ -947,8 +996,40 @@ def test_open_refuses_a_database_with_an_older_schema_version(
 ) -> None:
     open_database(db_url(tmp_path)).close()
     monkeypatch.setattr(storage.database, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with pytest.raises(SchemaVersionError, match=r"schema version 1, older than version 2"):
+    with pytest.raises(
+        SchemaVersionError,
+        match=rf"schema version {SCHEMA_VERSION}, older than version {SCHEMA_VERSION + 1}",
+    ):
         open_database(db_url(tmp_path))
+
+
+def test_open_upgrades_a_version_1_database_keeping_its_rows(tmp_path: Path) -> None:
+    database = open_database(db_url(tmp_path), policy=policy())
+    enqueue(database, "1.1")
+    database.close()
+    # A database as version 1 wrote it: without studies.report_error.
+    with sqlite3.connect(tmp_path / "node.db") as con:
+        con.execute("ALTER TABLE studies DROP COLUMN report_error")
+        con.execute("UPDATE schema_version SET version = 1")
+    database = open_database(db_url(tmp_path), policy=policy())
+    try:
+        assert database.studies.get_study(STUDY).report_error is None
+        assert database.jobs.get_job(1).sop_instance_uid == "1.1"
+        with database.engine.connect() as con:
+            assert con.execute(text("SELECT version FROM schema_version")).scalar() == 2
+    finally:
+        database.close()
+
+
+def test_a_database_that_cannot_be_opened_is_unavailable_not_foreign(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(DatabaseUnavailableError, match=r"cannot open sqlite:///") as info:
+        open_database(f"sqlite:///{tmp_path / 'file' / 'node.db'}")
+    assert "not a calcnode database" not in str(info.value)
+    # Neither is a server URL whose driver is missing (nor, with a driver, one that does
+    # not answer: the driver's OperationalError becomes the same error).
+    with pytest.raises(DatabaseUnavailableError, match=r"driver is not installed"):
+        open_database("postgresql://calcnode:secret@127.0.0.1:1/calcnode")
 
 
 def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
