@@ -23,12 +23,16 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _configure_logging(verbosity: int) -> None:
+    from node.logs import install_patient_data_guard
+
     level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
     logging.basicConfig(
         level=max(level, logging.DEBUG),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # No patient data and no control characters in any record, whatever logs it.
+    install_patient_data_guard()
     # Codec plugins log every tile at INFO; keep them quiet unless debugging.
     if verbosity < 2:
         for name in ("openjpeg", "libjpeg", "pylibjpeg", "rle"):
@@ -486,9 +490,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from node.logs import configure_logging
     from node.worker import run_worker
 
     settings = _settings(args, **{"model.device": args.device})
+    configure_logging(settings)  # levels as under serve (pynetdicom held quiet)
     return run_worker(settings, device=args.device)
 
 

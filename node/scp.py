@@ -92,6 +92,7 @@ from cascade.data.io import (
     check_mammogram_header,
 )
 from cascade.errors import InvalidImageError
+from node.logs import remember_patient
 from node.server import GuardedAssociationServer, OversizedDataSet, ServerLimits
 from node.settings import Settings
 from storage.database import Database
@@ -323,8 +324,8 @@ def _status(status: int, comment: str | None = None) -> Dataset:
     if comment:
         text = " ".join(comment.split())
         if len(text) > _ERROR_COMMENT_MAX:
-            text = text[: _ERROR_COMMENT_MAX - 1] + "…"
-        # LO is ISO 646 by default: keep the comment ASCII.
+            text = text[: _ERROR_COMMENT_MAX - 3] + "..."
+        # LO is ISO 646 by default: keep the comment ASCII (so "...", not "…").
         rsp.ErrorComment = text.encode("ascii", "replace").decode("ascii")
     return rsp
 
@@ -811,6 +812,7 @@ class StorageSCP:
         try:
             source.seek(0)
             ds, pixel = _read_header(source, transfer_syntax)
+            remember_patient(ds)  # before anything may log, warn or raise about it
             ds.file_meta = event.file_meta
             _check_uids(ds)
             data_class = str(ds.get("SOPClassUID", "") or "").strip()

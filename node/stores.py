@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from node.settings import Settings
 from storage.database import Database, open_database
+from storage.errors import DatabaseUnavailableError
 from storage.filestore import FileStore
 from storage.policy import QueuePolicy
 
@@ -27,7 +28,16 @@ def queue_policy(settings: Settings) -> QueuePolicy:
 
 
 def open_storage(settings: Settings) -> tuple[Database, FileStore]:
-    """Open (creating or migrating) the database and the file store of ``storage``."""
+    """Open (creating or migrating) the database and the file store of ``storage``.
+
+    Raises
+    ------
+    storage.errors.DatabaseUnavailableError
+        The database cannot be reached; the message starts with ``storage.database_url``.
+    """
     store = FileStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb)
-    database = open_database(settings.storage.database_url, policy=queue_policy(settings))
+    try:
+        database = open_database(settings.storage.database_url, policy=queue_policy(settings))
+    except DatabaseUnavailableError as exc:
+        raise DatabaseUnavailableError(f"storage.database_url: {exc}") from exc
     return database, store

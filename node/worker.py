@@ -58,22 +58,81 @@ from cascade.errors import InvalidImageError
 from cascade.inference.detector import ImageDetections
 from node import sdnotify
 from node.identity import provenance_for, series_uid_for
+from node.logs import redact, remember_patient
 from node.model import DetectorFactory, DetectorLike, load_detector
-from node.reports.common import Provenance
+from node.reports.common import Provenance, conform_identifying_values
 from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
 from node.stores import open_storage
 from storage.database import Database
-from storage.errors import LeaseLostError, StorageError
+from storage.errors import DiskFullError, LeaseLostError, StorageError
 from storage.filestore import FileStore
 from storage.jobs import ClaimedJob
 
-__all__ = ["PER_IMAGE_KINDS", "Worker", "run_worker"]
+__all__ = [
+    "DATABASE_ERROR_LOG_SECONDS",
+    "PER_IMAGE_KINDS",
+    "RESULT_HEADROOM_MB",
+    "Worker",
+    "run_worker",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Output kinds the worker makes per image; the study-level SRs are the scheduler's.
 PER_IMAGE_KINDS: tuple[str, ...] = ("seg", "gsps")
+#: Free space (MiB) a job's results may take, on top of ``storage.min_free_mb``: a worker
+#: claims a job only when this much is free above the floor (a SEG of a 14-Mpx image is
+#: under 2 MiB; detections and the GSPS are small).
+RESULT_HEADROOM_MB = 16
+#: While the database keeps failing, the worker logs a one-line summary at most this
+#: often (the first failure with its traceback).
+DATABASE_ERROR_LOG_SECONDS = 60.0
+
+
+class _RepeatedFailure:
+    """Logs a repeating failure once in full, then a counted summary now and then.
+
+    The first failure is logged with its traceback; while it goes on, one line at most
+    every ``every_seconds`` says how many more there were; the first success after a
+    failure says that it is over.
+    """
+
+    def __init__(self, what: str, *, every_seconds: float) -> None:
+        self._what = what
+        self._every = every_seconds
+        self._count = 0  # failures in the current run of them
+        self._unlogged = 0  # failures since the last line
+        self._last_line = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._count += 1
+        if self._count == 1:
+            logger.error("%s; retrying", self._what, exc_info=exc)
+            self._last_line = now
+            return
+        self._unlogged += 1
+        if now - self._last_line >= self._every:
+            logger.error(
+                "%s, still (%d more failure(s) since the last line, %d in a row): %s",
+                self._what,
+                self._unlogged,
+                self._count,
+                _one_line(exc),
+            )
+            self._unlogged = 0
+            self._last_line = now
+
+    def succeeded(self) -> None:
+        if self._count:
+            logger.info("%s: over after %d failure(s)", self._what, self._count)
+        self._count = self._unlogged = 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- heartbeat
@@ -159,6 +218,7 @@ class Worker:
         self.provenance = provenance
         self.worker_id = worker_id
         self.jobs_done = 0
+        self._paused = False
 
     # -- one job -----------------------------------------------------------------
     def process(self, job: ClaimedJob) -> JobResult:
@@ -180,6 +240,11 @@ class Worker:
             source = pydicom.dcmread(path)
         except (InvalidDicomError, EOFError) as exc:
             raise InvalidImageError(f"not a readable DICOM file: {exc}") from exc
+        # Before anything looks at it: no log line of this process shows its patient.
+        remember_patient(source)
+        # The results copy its patient and study values: valid for their VR there.
+        if conform_identifying_values(source, context=f"job {job.job_id}"):
+            remember_patient(source)
         started = time.monotonic()
         detections = self.detector.detect(source, path=job.path)
         seconds = time.monotonic() - started
@@ -217,7 +282,7 @@ class Worker:
                         kind,
                         job.sop_instance_uid,
                     )
-                    build_errors[kind] = f"{type(exc).__name__}: {exc}"[:500]
+                    build_errors[kind] = redact(f"{type(exc).__name__}: {exc}")[:500]
                     continue
                 if ds is None:
                     continue
@@ -254,7 +319,9 @@ class Worker:
             "source": source,
             "detections": detections,
             "provenance": self.provenance,
-            "series_instance_uid": series_uid_for(job.study_instance_uid, kind),
+            "series_instance_uid": series_uid_for(
+                job.study_instance_uid, kind, job.sop_instance_uid
+            ),
             "sop_instance_uid": generate_uid(prefix=None),
             # One object per image in a series shared by the study: the job id keeps
             # InstanceNumber distinct within the series.
@@ -290,12 +357,27 @@ class Worker:
         except InvalidImageError as exc:
             logger.warning("job %d: not a usable mammogram: %s", job.job_id, exc)
             return self._fail(job, f"InvalidImageError: {exc}", retry=False)
+        except DiskFullError as exc:
+            # The results did not fit above storage.min_free_mb: not the image's fault.
+            # The job goes back without counting the attempt; the loop pauses claiming.
+            logger.warning(
+                "job %d: no room for its results (%s); returned to the queue", job.job_id, exc
+            )
+            self._release(job)
+            return "queued"
         except Exception as exc:
             logger.exception("job %d failed (attempt %d)", job.job_id, job.attempt)
             text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-6:])
             return self._fail(job, text, retry=True)
+        # A per-image object that could not be made is never silent: its reason stays on
+        # the (done) job, where `calcnode status` lists it.
+        warning = "; ".join(
+            f"{kind} not made: {error}" for kind, error in result.build_errors.items()
+        )
         try:
-            self.database.jobs.complete(job.job_id, self.worker_id, result=result.to_json())
+            self.database.jobs.complete(
+                job.job_id, self.worker_id, result=result.to_json(), warning=warning or None
+            )
         except LeaseLostError:
             logger.warning("job %d: lease lost before completion; result discarded", job.job_id)
             self._remove(list(result.paths))
@@ -314,14 +396,53 @@ class Worker:
 
     def _fail(self, job: ClaimedJob, error: str, *, retry: bool) -> str:
         try:
-            return self.database.jobs.fail(job.job_id, self.worker_id, error=error, retry=retry)
+            return self.database.jobs.fail(
+                job.job_id, self.worker_id, error=redact(error), retry=retry
+            )
         except LeaseLostError:
             logger.warning("job %d: lease lost before the failure was recorded", job.job_id)
             return "lost"
 
+    def _release(self, job: ClaimedJob) -> None:
+        try:
+            self.database.jobs.release(job.job_id, self.worker_id)
+        except LeaseLostError:
+            logger.warning("job %d: lease lost before it was returned", job.job_id)
+
+    # -- free space ----------------------------------------------------------------
+    def has_room(self) -> bool:
+        """Whether a job's results fit above ``storage.min_free_mb`` now.
+
+        Below it the worker claims nothing (running inference whose results cannot be
+        written would fail the job for no fault of its own): logged once when it starts,
+        once when space is back.
+        """
+        try:
+            free = self.store.ensure_free_space(RESULT_HEADROOM_MB * 1024 * 1024)
+        except DiskFullError as exc:
+            if not self._paused:
+                logger.warning(
+                    "worker %s: pausing, no job claimed until space returns: %s",
+                    self.worker_id,
+                    exc,
+                )
+                self._paused = True
+            return False
+        if self._paused:
+            logger.info(
+                "worker %s: free space is back (%.0f MiB): claiming jobs again",
+                self.worker_id,
+                free / (1024 * 1024),
+            )
+            self._paused = False
+        return True
+
     # -- the loop ----------------------------------------------------------------
     def run_once(self) -> str | None:
-        """Claim and handle one job; None when the queue has nothing due."""
+        """Claim and handle one job; None when the queue has nothing due, or when the
+        store has no room for results (see :meth:`has_room`)."""
+        if not self.has_room():
+            return None
         job = self.database.jobs.claim(
             self.worker_id, lease_seconds=self.settings.worker.lease_seconds
         )
@@ -342,13 +463,17 @@ class Worker:
         stop = stop_event if stop_event is not None else threading.Event()
         handled = 0
         poll = self.settings.worker.poll_seconds
+        database_errors = _RepeatedFailure(
+            f"worker {self.worker_id}: database error", every_seconds=DATABASE_ERROR_LOG_SECONDS
+        )
         while not stop.is_set() and (max_jobs is None or handled < max_jobs):
             try:
                 outcome = self.run_once()
-            except StorageError:
-                logger.exception("worker %s: database error; retrying", self.worker_id)
+            except StorageError as exc:
+                database_errors.failed(exc)
                 stop.wait(poll)
                 continue
+            database_errors.succeeded()
             if outcome is None:
                 stop.wait(poll)
                 continue

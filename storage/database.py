@@ -289,8 +289,9 @@ def open_database(
             f"cannot open {_display_url(url)}: its database driver is not installed ({exc})"
         ) from exc
     except OSError as exc:  # the SQLite file's folder cannot be made
+        where = f" (making {exc.filename})" if exc.filename else ""
         raise DatabaseUnavailableError(
-            f"cannot open {_display_url(url)}: {exc.strerror or exc}"
+            f"cannot open {_display_url(url)}: {exc.strerror or exc}{where}"
         ) from exc
     try:
         prepare_schema(engine, create=create)

@@ -296,3 +296,179 @@ def test_invalid_image_error_is_what_the_detector_raises_for_a_spacing_less_imag
 
     with pytest.raises(InvalidImageError):
         read_mammogram(make_mg_dataset(pixel_spacing=None, imager_pixel_spacing=None))
+
+
+# --------------------------------------------------------------------------- issue 12
+def _mg_with(**values: str) -> pydicom.Dataset:
+    """An MG image with some attributes set to values that break their VR."""
+    import warnings
+
+    ds = make_mg_dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: "Invalid value for VR DA"
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+    return ds
+
+
+def test_values_that_break_their_vr_are_carried_valid_into_the_gsps_and_seg(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.validators import have_dciodvfy, run_dciodvfy
+
+    settings = make_settings(tmp_path, destinations=(PACS,))
+    worker = make_worker(settings, FakeDetector())
+    ds = _mg_with(
+        PatientBirthDate="1941-02-03",
+        PatientName="CANARY^" + "N" * 10_000,
+        PatientID="ID-" + "7" * 100,
+        AccessionNumber="A" * 40,
+        PatientSex="female",
+    )
+    job_id = receive(worker.database, worker.store, ds)
+    caplog.set_level("WARNING", logger="node.reports.common")
+    # Before: the GSPS builder failed on the birth date (highdicom: "Unable to convert
+    # '1941-02-03' to 'DA' object") and the GSPS was missing; the name went in whole.
+    assert worker.run_once() == "done"
+    job = worker.database.jobs.get_job(job_id)
+    result = job.result or {}
+    assert result["build_errors"] == {}
+    assert job.last_error is None
+    kinds = {o["kind"]: o for o in result["objects"]}
+    assert set(kinds) == {"seg", "gsps"}
+    for kind in ("gsps", "seg"):
+        out = pydicom.dcmread(worker.store.resolve(kinds[kind]["path"]))
+        assert out.PatientBirthDate == ""  # Type 2: present, empty; never guessed
+        assert str(out.PatientName) == ("CANARY^" + "N" * 10_000)[:64]
+        assert out.PatientID == ("ID-" + "7" * 100)[:64]
+        assert out.AccessionNumber == "A" * 16
+        assert out.PatientSex == ""
+        if have_dciodvfy():
+            found = run_dciodvfy(worker.store.resolve(kinds[kind]["path"]))
+            bad = [e for e in found.errors if "Patient" in e or "Accession" in e]
+            assert not bad, found
+    # Each change logged, naming the attribute and the rule, not the value.
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.reports.common"]
+    for name in ("PatientName (0010,0010)", "PatientBirthDate (0010,0030)", "PatientSex"):
+        assert any(name in line for line in lines), lines
+    assert not any("1941" in line or "NNNN" in line or "777" in line for line in lines)
+
+
+def test_a_per_image_object_not_made_is_listed_on_its_done_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.logs import REDACTED
+    from node.service import format_status, status
+
+    settings = make_settings(tmp_path)
+    worker = make_worker(settings, FakeDetector())
+    job_id = receive(worker.database, worker.store, make_mg_dataset(patient_id="SECRET-ID-42"))
+
+    def broken(**kw: object) -> None:
+        raise ValueError(f"cannot copy PatientID {kw['source'].PatientID}")  # type: ignore[attr-defined]
+
+    monkeypatch.setattr("node.reports.gsps.build_gsps", broken)
+    assert worker.run_once() == "done"
+    job = worker.database.jobs.get_job(job_id)
+    # Before: the job was done with no trace of the GSPS outside its result JSON.
+    assert job.last_error == f"gsps not made: ValueError: cannot copy PatientID {REDACTED}"
+    text = format_status(status(settings))
+    assert "gsps not made" in text
+    assert "SECRET-ID-42" not in text
+
+
+def test_below_the_disk_floor_the_worker_claims_nothing_and_resumes_when_space_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path)
+    detector = FakeDetector()
+    worker = make_worker(settings, detector)
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+    free_mb = worker.store.free_bytes() // (1024 * 1024)
+    worker.store.min_free_mb = free_mb + 1024  # the floor is above what is free
+    caplog.set_level("INFO", logger="node.worker")
+    # Before: the job was claimed, run, and failed its result write (an attempt counted).
+    for _ in range(3):
+        assert worker.run_once() is None
+    job = worker.database.jobs.get_job(job_id)
+    assert (job.state, job.attempts) == ("queued", 0)
+    assert detector.calls == 0
+    pausing = [r for r in caplog.records if "pausing" in r.getMessage()]
+    assert len(pausing) == 1 and pausing[0].levelname == "WARNING"
+    worker.store.min_free_mb = 0
+    assert worker.run_once() == "done"
+    assert any("claiming jobs again" in r.getMessage() for r in caplog.records)
+
+
+def test_results_that_no_longer_fit_return_the_job_without_counting_the_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.errors import DiskFullError
+
+    settings = make_settings(tmp_path)
+    worker = make_worker(settings, FakeDetector())
+    job_id = receive(worker.database, worker.store, make_mg_dataset())
+
+    def full(*_a: object, **_k: object) -> None:
+        raise DiskFullError("disk full while writing results/x: No space left on device")
+
+    monkeypatch.setattr(worker.store, "write_atomic", full)
+    assert worker.run_once() == "queued"
+    job = worker.database.jobs.get_job(job_id)
+    assert (job.state, job.attempts) == ("queued", 0)
+
+
+def test_a_failing_database_logs_one_traceback_then_counted_summaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import node.worker
+    from storage.errors import StorageError
+
+    settings = make_settings(tmp_path, poll_seconds=0.001)
+    worker = make_worker(settings, FakeDetector())
+    stop = threading.Event()
+    calls = {"n": 0}
+    real_claim = worker.database.jobs.claim
+
+    def claim(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] <= 30:
+            raise StorageError("database operation failed: database or disk is full")
+        stop.set()
+        return real_claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.database.jobs, "claim", claim)
+    monkeypatch.setattr(node.worker, "DATABASE_ERROR_LOG_SECONDS", 3600.0)
+    caplog.set_level("INFO", logger="node.worker")
+    worker.run(stop_event=stop)
+    lines = [r for r in caplog.records if "database error" in r.getMessage()]
+    # Before: 30 ERROR lines, each with a full traceback.
+    assert [r.exc_info is not None for r in lines] == [True, False]
+    assert "over after 30 failure(s)" in lines[-1].getMessage()
+
+
+def test_database_error_summaries_count_the_failures_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import node.worker
+    from storage.errors import StorageError
+
+    settings = make_settings(tmp_path, poll_seconds=0.001)
+    worker = make_worker(settings, FakeDetector())
+    stop = threading.Event()
+    calls = {"n": 0}
+
+    def claim(*_args: object, **_kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            stop.set()
+        raise StorageError("database operation failed: disk I/O error")
+
+    monkeypatch.setattr(worker.database.jobs, "claim", claim)
+    monkeypatch.setattr(node.worker, "DATABASE_ERROR_LOG_SECONDS", 0.0)  # a line every time
+    caplog.set_level("ERROR", logger="node.worker")
+    worker.run(stop_event=stop)
+    messages = [r.getMessage() for r in caplog.records if "database error" in r.getMessage()]
+    assert len(messages) == 5
+    assert "1 more failure(s) since the last line, 5 in a row" in messages[-1]
+    assert "disk I/O error" in messages[-1]

@@ -17,16 +17,24 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VM
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from cascade.data.io import MG_SOP_CLASSES
 from cascade.inference.detector import Detection, ImageDetections
 
 __all__ = [
+    "CONFORMED_KEYWORDS",
     "MG_SOP_CLASS_UIDS",
     "SERIES_DESCRIPTIONS",
     "SERIES_NUMBERS",
@@ -38,6 +46,8 @@ __all__ = [
     "circle_outline",
     "clip_to_image",
     "code_item",
+    "conform_identifying_values",
+    "conformed_header",
     "contributing_equipment_item",
     "copy_patient_and_study",
     "evidence_sequence",
@@ -363,6 +373,243 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
     for keyword in ("IssuerOfPatientID", "PatientAge", "PatientWeight", "PatientSize"):
         if keyword in source:
             target[keyword] = source[keyword]
+
+
+#: The string attributes copied from the source image into the results: those of the
+#: Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+#: modules (highdicom copies them into the SEG, the GSPS and the TID 1500 SR;
+#: :func:`copy_patient_and_study` the core of them into the CAD SR), and the retired
+#: OtherPatientIDs. :func:`conform_identifying_values` makes them valid for their VR.
+CONFORMED_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
+    "PatientSex",
+    "QualityControlSubject",
+    "StrainDescription",
+    "StrainNomenclature",
+    "StrainAdditionalInformation",
+    "OtherPatientNames",
+    "OtherPatientIDs",
+    "PatientSpeciesDescription",
+    "PatientBreedDescription",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "IssuerOfClinicalTrialSiteID",
+    "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "ConsultingPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "StudyID",
+    "RequestingService",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientBodyMassIndex",
+    "MeasuredAPDimension",
+    "MeasuredLateralDimension",
+    "PatientWeight",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "SmokingStatus",
+    "AdditionalPatientHistory",
+    "LastMenstrualDate",
+    "PatientSexNeutered",
+    "ReasonForVisit",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "PatientState",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalEventType",
+)
+#: Items of these sequences hold more of them (PatientID, IssuerOfPatientID, ...).
+_CONFORMED_SEQUENCES = ("OtherPatientIDsSequence",)
+#: VRs whose value is free text: too long → cut (PS3.5 Table 6.2-1, in characters).
+_TEXT_MAX = {"LO": 64, "SH": 16, "LT": 10240, "ST": 1024, "UC": None, "UT": None}
+#: VRs whose value has a format (a date, a code string, a number): invalid → left out.
+_FORMATTED = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM"})
+#: Control characters a free text may hold (besides ESC, which every string VR may
+#: hold for ISO 2022 code extensions).
+_TEXT_CONTROLS = {"LT": "\t\n\f\r", "ST": "\t\n\f\r", "UT": "\t\n\f\r"}
+_PN_GROUP_MAX = 64
+_SEXES = frozenset({"M", "F", "O"})
+
+
+def _controls_removed(text: str, vr: str) -> str:
+    allowed = _TEXT_CONTROLS.get(vr, "") + "\x1b"
+    return "".join(" " if (ord(c) < 32 or c == "\x7f") and c not in allowed else c for c in text)
+
+
+def _conform_one(keyword: str, vr: str, value: str) -> tuple[str | None, str | None]:
+    """One string value made valid for its VR: (the value, or None to leave it out;
+    what was wrong, or None). The message names the VR's rule, never the value."""
+    problems: list[str] = []
+    text = _controls_removed(value, vr)
+    if text != value:
+        problems.append("control characters replaced by spaces")
+    if vr == "PN":
+        groups = text.split("=")[:3]
+        cut = ["^".join(g.split("^")[:5]) for g in groups]
+        cut = [g[:_PN_GROUP_MAX] for g in cut]
+        if cut != text.split("="):
+            problems.append(
+                f"longer than PN allows ({_PN_GROUP_MAX} characters a component group, "
+                "5 components, 3 groups): cut"
+            )
+        text = "=".join(cut)
+    elif vr in _TEXT_MAX:
+        limit = _TEXT_MAX[vr]
+        if limit is not None and len(text) > limit:
+            problems.append(f"longer than {vr} allows ({limit} characters): cut")
+            text = text[:limit]
+    elif vr in _FORMATTED:
+        try:
+            validate_value(vr, text, pydicom_config.RAISE)
+        except ValueError:
+            return None, f"not a valid {vr} value: left out"
+        if keyword == "PatientSex" and text.strip() and text.strip() not in _SEXES:
+            return None, "not M, F or O: left out"
+    return text, ("; ".join(problems) or None)
+
+
+def _conform_element(ds: Dataset, keyword: str, *, type2: bool) -> str | None:
+    """Make one element of ``ds`` valid (in place); what was wrong, or None."""
+    if keyword not in ds:
+        return None
+    elem = ds[keyword]
+    vr = str(elem.VR)
+    if vr not in _TEXT_MAX and vr not in _FORMATTED and vr != "PN":
+        return None
+    raw: Any = elem.value
+    if raw is None or raw == "":
+        return None
+    values = list(raw) if isinstance(raw, MultiValue | list | tuple) else [raw]
+    problems: list[str] = []
+    if dictionary_VM(elem.tag) == "1" and len(values) > 1:
+        problems.append(f"{len(values)} values where 1 is allowed: the first kept")
+        values = values[:1]
+    kept: list[str] = []
+    for value in values:
+        fixed, problem = _conform_one(keyword, vr, str(value))
+        if problem:
+            problems.append(problem)
+        if fixed is not None:
+            kept.append(fixed)
+    if not problems:
+        return None
+    if kept:
+        ds[keyword] = DataElement(elem.tag, vr, kept[0] if len(kept) == 1 else kept)
+    elif type2:
+        ds[keyword] = DataElement(elem.tag, vr, "")
+    else:
+        del ds[keyword]
+    return "; ".join(dict.fromkeys(problems))
+
+
+def conform_identifying_values(ds: Dataset, *, context: str = "") -> list[str]:
+    """Make the patient and study values of an image valid for their VR, in place.
+
+    The results copy these values (:data:`CONFORMED_KEYWORDS`) from the image; a value
+    that breaks its VR would make every result invalid (dciodvfy: ``Length invalid for
+    this VR``) or fail its builder (highdicom refuses a PatientBirthDate of
+    ``1941-02-03``). So, on the data set read for the results (the stored file is never
+    changed):
+
+    * free text (LO, SH, LT, ST) longer than its VR allows is cut to the limit; a person
+      name (PN) to 64 characters a component group, 5 components, 3 groups;
+    * control characters other than ESC (and, in LT/ST/UT, TAB, LF, FF, CR) become
+      spaces;
+    * a value with a format (DA, TM, DT, AS, CS, DS, IS, AE) that is not valid is left
+      out — written empty where the results must have the attribute (Type 2:
+      PatientBirthDate, PatientSex, StudyDate, ...), else not at all; a PatientSex
+      other than M, F or O too. A date is never guessed from another spelling;
+    * several values in an attribute that takes one: the first is kept.
+
+    Each change is logged at WARNING naming the attribute and the rule, never the value.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The image as read (changed in place).
+    context : str
+        Prefix of the log lines (e.g. ``"job 12"``).
+
+    Returns
+    -------
+    list of str
+        ``"<keyword> (gggg,eeee): <what was wrong>"`` per attribute changed.
+    """
+    changed: list[str] = []
+    targets: list[tuple[Dataset, str]] = [(ds, "")]
+    for keyword in _CONFORMED_SEQUENCES:
+        if keyword in ds:
+            items = [item for item in ds[keyword].value if isinstance(item, Dataset)]
+            targets.extend((item, f"{keyword} item {i + 1} ") for i, item in enumerate(items))
+    for target, where in targets:
+        for keyword in CONFORMED_KEYWORDS:
+            problem = _conform_element(
+                target, keyword, type2=not where and keyword in _TYPE2_KEYWORDS
+            )
+            if problem is None:
+                continue
+            tag = Tag(keyword)
+            changed.append(f"{where}{keyword} ({tag.group:04X},{tag.element:04X}): {problem}")
+    sop = str(ds.get("SOPInstanceUID", "") or "?")
+    for change in changed:
+        logger.warning(
+            "%sSOP Instance %s: %s in the results",
+            f"{context}: " if context else "",
+            sop,
+            change,
+        )
+    return changed
+
+
+def conformed_header(source: Dataset, *, context: str = "") -> Dataset:
+    """The header of ``source`` (no pixel data), its patient and study values made
+    valid by :func:`conform_identifying_values`; ``source`` itself is not changed.
+
+    For a builder that hands the source to highdicom, which copies those values and
+    refuses invalid ones. The elements are shared with ``source`` (not copied); only
+    the ones conformed are replaced.
+    """
+    header = Dataset()
+    for elem in source:
+        if elem.tag.group != 0x7FE0:  # Pixel Data and its float siblings
+            header.add(elem)
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    conform_identifying_values(header, context=context)
+    return header
 
 
 def contributing_equipment_item(provenance: Provenance) -> Dataset:

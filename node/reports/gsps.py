@@ -38,6 +38,7 @@ from node.reports.common import (
     character_set_of,
     circle_outline,
     clip_to_image,
+    conformed_header,
     laterality_of,
     resolve_instance,
     to_graphic_xy,
@@ -224,11 +225,15 @@ def build_gsps(
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
             )
         )
+    # highdicom copies the patient and study values of the image it references and
+    # refuses (with the value in its message) one that breaks its VR, e.g. a
+    # PatientBirthDate "1941-02-03": it gets the header with those values made valid.
+    reference = conformed_header(source, context="GSPS")
     annotations = []
     if graphics or texts:
         annotations.append(
             hd.pr.GraphicAnnotation(
-                referenced_images=[source],
+                referenced_images=[reference],
                 graphic_layer=layer,
                 graphic_objects=graphics or None,
                 text_objects=texts or None,
@@ -240,7 +245,7 @@ def build_gsps(
     if charset is not None:
         kwargs["specific_character_set"] = charset
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source],
+        referenced_images=[reference],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["gsps"],
         sop_instance_uid=sop_uid,
