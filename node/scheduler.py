@@ -29,7 +29,20 @@ Study completion (the quiet-period rule)
 
     When one SR kind cannot be built the other still goes out (the error is logged);
     a study for which no SR can be built at all is retried with a growing delay (in memory:
-    from 1 check interval up to an hour) rather than every few seconds forever.
+    from 1 check interval up to an hour) rather than every few seconds forever — unless
+    its builders refused its content (:data:`PERMANENT_REPORT_ERRORS`, e.g. images with
+    different PatientIDs): the same content gives the same refusal, so the study is
+    ended at once with the reason (``Studies.mark_study_failed``: ``failed`` in
+    ``calcnode status``), logged once at ERROR, until new content re-opens it.
+
+    The source headers are read with their patient values remembered by the log guard
+    (:func:`node.logs.remember_patient`) and made valid for their VR
+    (:func:`node.reports.common.conform_identifying_values`), as the worker does.
+
+Sends
+    :func:`send_results` stops between two objects once :meth:`NodeScheduler.stop_sending`
+    was called (``calcnode serve`` calls it first on SIGTERM): the object in flight is
+    finished and recorded, the others stay pending.
 """
 
 from __future__ import annotations
@@ -47,7 +60,8 @@ from pydicom.uid import generate_uid
 
 from cascade.inference.detector import ImageDetections
 from node.identity import series_uid_for
-from node.reports.common import MG_SOP_CLASS_UIDS, Provenance
+from node.logs import redact, remember_patient
+from node.reports.common import MG_SOP_CLASS_UIDS, Provenance, conform_identifying_values
 from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
 from storage.database import Database
@@ -57,6 +71,7 @@ from storage.models import utcnow
 from storage.studies import StudyDue
 
 __all__ = [
+    "PERMANENT_REPORT_ERRORS",
     "STUDY_KINDS",
     "NodeScheduler",
     "ReportFailures",
@@ -71,6 +86,10 @@ logger = logging.getLogger(__name__)
 
 #: Output kinds made once per study (the per-image ones are the worker's).
 STUDY_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr")
+#: What a report builder raises when it refuses its input (house style: constructors
+#: validate, ``ValueError``/``TypeError`` naming the argument): the same content would be
+#: refused again, so a study whose every report is refused is ended, not retried.
+PERMANENT_REPORT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError)
 
 
 @dataclass
@@ -148,6 +167,9 @@ def _study_pairs(
             continue
         # The SRs need the header only (UIDs, rows/columns, laterality, view, spacing).
         source = pydicom.dcmread(store.resolve(job.path), stop_before_pixels=True)
+        remember_patient(source)  # no log line of this process shows its patient
+        if conform_identifying_values(source, context=f"job {job.job_id}"):
+            remember_patient(source)
         pairs.append((source, result.detections))
     return pairs, left_out
 
@@ -183,6 +205,7 @@ def report_study(
             job.state,
         )
     made: list[ResultObject] = []
+    incomplete: str | None = None  # why not every report was made (the study shows failed)
     provenance = _provenance_of(jobs, results)
     if not pairs or provenance is None:
         logger.error(
@@ -209,6 +232,10 @@ def report_study(
                     sop_instance_uid=generate_uid(prefix=None),
                     version=due.version,
                 )
+            except PERMANENT_REPORT_ERRORS as exc:
+                # A refusal of the content: one line below, not a traceback per attempt.
+                errors[kind] = exc
+                continue
             except Exception as exc:
                 logger.exception("study %s: building the %s failed", uid, kind)
                 errors[kind] = exc
@@ -219,15 +246,26 @@ def report_study(
             )
             made.append(ResultObject.of(ds, kind=kind, path=stored.relpath))
             logger.info("study %s: %s %s version %d", uid, kind, sop_uid, due.version)
-        if errors and not made:
-            # Nothing could be built: leave the study open (retried with back-off).
-            raise next(iter(errors.values()))
+        refused = {k: e for k, e in errors.items() if isinstance(e, PERMANENT_REPORT_ERRORS)}
+        if errors and not made and len(refused) < len(errors):
+            # Nothing could be built, for a reason that may pass: leave the study open
+            # (retried with back-off).
+            raise next(e for e in errors.values() if not isinstance(e, PERMANENT_REPORT_ERRORS))
+        if refused and not made:
+            _end_study(database, settings, due, results, _reasons(refused), now=_now(now))
+            return []
+        for kind, refusal in refused.items():
+            logger.error("study %s: the %s was not made: %s", uid, kind, _reasons({kind: refusal}))
+        if refused:
+            incomplete = _reasons(refused)
     # Per-image objects of done jobs, again: queueing is idempotent, and this covers a
     # worker that died between completing its job and queueing its sends.
     objects = made + [obj for result in results.values() for obj in result.objects]
     when = _now(now)
     queued = queue_sends(database, settings, uid, objects, now=when)
-    database.studies.mark_study_reported(uid, due.version, generation=due.generation, now=when)
+    database.studies.mark_study_reported(
+        uid, due.version, generation=due.generation, now=when, error=incomplete
+    )
     logger.info(
         "study %s: report version %d, %d image(s), %d object(s) made, %d send(s) ensured",
         uid,
@@ -237,6 +275,35 @@ def report_study(
         queued,
     )
     return made
+
+
+def _reasons(errors: Mapping[str, Exception]) -> str:
+    """One line naming each refusal, without patient data."""
+    texts = {f"{kind}: {type(exc).__name__}: {exc}" for kind, exc in errors.items()}
+    return redact(" ".join("; ".join(sorted(texts)).split()))[:1000]
+
+
+def _end_study(
+    database: Database,
+    settings: Settings,
+    due: StudyDue,
+    results: Mapping[int, JobResult],
+    reason: str,
+    *,
+    now: dt.datetime,
+) -> None:
+    """End a study no report can be made of (see the module notes); per-image objects
+    of its done jobs are queued all the same (idempotent)."""
+    uid = due.study_instance_uid
+    objects = [obj for result in results.values() for obj in result.objects]
+    queue_sends(database, settings, uid, objects, now=now)
+    if database.studies.mark_study_failed(uid, error=reason, generation=due.generation, now=now):
+        logger.error(
+            "study %s: no report can be made of its images (%s); the study is failed until "
+            "its content changes (a new or re-sent image, or calcnode jobs retry)",
+            uid,
+            reason,
+        )
 
 
 def complete_studies(
@@ -252,7 +319,7 @@ def complete_studies(
     Returns
     -------
     int
-        Studies reported in this run.
+        Studies reported (or ended as failed) in this run.
     """
     when = _now(now)
     try:
@@ -280,9 +347,19 @@ def complete_studies(
 
 
 def send_results(
-    database: Database, store: FileStore, settings: Settings, *, now: dt.datetime | None = None
+    database: Database,
+    store: FileStore,
+    settings: Settings,
+    *,
+    now: dt.datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """C-STORE every due send (new or retry) through :func:`node.scu.send_due`.
+
+    Parameters
+    ----------
+    stop : threading.Event or None
+        Once set, sending stops between two objects (see :func:`node.scu.send_due`).
 
     Returns
     -------
@@ -294,7 +371,7 @@ def send_results(
     try:
         from node.scu import send_due
 
-        return int(send_due(database, store, settings, now=now))
+        return int(send_due(database, store, settings, now=now, stop=stop))
     except Exception:
         logger.exception("sending results failed")
         return 0
@@ -359,6 +436,7 @@ class NodeScheduler:
         )
         self._scheduler: Any = None
         self._lock = threading.Lock()
+        self._stop_sending = threading.Event()
 
     def _complete_studies(self) -> int:
         reported = complete_studies(
@@ -378,7 +456,7 @@ class NodeScheduler:
             ),
             (
                 "sends",
-                lambda: send_results(self.database, self.store, s),
+                lambda: send_results(self.database, self.store, s, stop=self._stop_sending),
                 s.scheduler.send_check_seconds,
             ),
             (
@@ -435,8 +513,16 @@ class NodeScheduler:
             if self._scheduler is not None:
                 self._scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
 
+    def stop_sending(self) -> None:
+        """Stop sending between two objects (the one in flight finishes and is recorded;
+        the others stay pending). Call it first when the node stops: a slow PACS must not
+        hold the stop up, and a kill after it must not lose a delivered object's record."""
+        self._stop_sending.set()
+
     def stop(self, *, wait: bool = True) -> None:
-        """Stop the scheduler; with ``wait`` the running tasks finish first."""
+        """Stop the scheduler; with ``wait`` the running tasks finish first (a send task
+        after the object in flight: :meth:`stop_sending` is implied)."""
+        self._stop_sending.set()
         with self._lock:
             scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:

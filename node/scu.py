@@ -6,6 +6,13 @@ destination, and records each outcome: :meth:`~storage.sends.Sends.mark_sent` or
 :meth:`~storage.sends.Sends.mark_send_failed` (which schedules the next try with
 the queue's back-off, or gives up after ``send_max_attempts``).
 
+Each outcome is recorded **as soon as the peer has answered that object** (not when the
+association ends): a node killed in the middle of a long send has recorded every object
+the peer acknowledged, so at most the one in flight is sent again. A ``stop`` event
+ends the sending between two objects — the one in flight is finished and recorded, the
+rest stay pending, untouched (no try counted) — so stopping the node never waits for a
+slow peer to take every due object.
+
 Status policy (PS3.4 B.2.3):
 
 * 0x0000 → sent.
@@ -27,7 +34,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +52,14 @@ from storage.errors import StorageError
 from storage.filestore import FileStore
 from storage.sends import SendInfo
 
-__all__ = ["WARNING_STATUSES", "SendOutcome", "send_due", "send_file", "send_files"]
+__all__ = [
+    "NOT_ATTEMPTED",
+    "WARNING_STATUSES",
+    "SendOutcome",
+    "send_due",
+    "send_file",
+    "send_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +84,19 @@ class SendOutcome:
         (association not established, aborted, timed out, or the file unreadable).
     message : str
         What happened, for logs and the send's ``last_error`` (no patient data).
+    attempted : bool
+        False when the object was not tried at all (sending was stopped first): no
+        outcome to record, the send stays as it was.
     """
 
     ok: bool
     status: int | None
     message: str
+    attempted: bool = True
+
+
+#: The outcome of an object left out because sending was stopped.
+NOT_ATTEMPTED = SendOutcome(False, None, "not attempted: sending stopped", attempted=False)
 
 
 def _status_text(status: int) -> str:
@@ -148,6 +171,8 @@ def send_files(
     calling_aet: str,
     timeout_seconds: float,
     tls: ssl.SSLContext | None = None,
+    on_outcome: Callable[[int, SendOutcome], object] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[SendOutcome]:
     """C-STORE several files to one destination over one association.
 
@@ -163,6 +188,12 @@ def send_files(
         Connection, association, DIMSE and network timeout.
     tls : ssl.SSLContext or None
         A client TLS context, or ``None`` for a plain TCP association.
+    on_outcome : callable or None
+        ``on_outcome(index, outcome)`` is called for each path as soon as its outcome
+        is known (the peer's answer to that object), before the next one is sent.
+    stop : threading.Event or None
+        Checked before the association and before each object: once set, the objects
+        not yet sent get :data:`NOT_ATTEMPTED` and the association is released.
 
     Returns
     -------
@@ -174,11 +205,17 @@ def send_files(
     if tls is not None and not isinstance(tls, ssl.SSLContext):
         raise TypeError(f"tls must be an ssl.SSLContext or None, got {type(tls).__name__}")
     outcomes: list[SendOutcome | None] = [None] * len(paths)
+
+    def settle(index: int, outcome: SendOutcome) -> None:
+        outcomes[index] = outcome
+        if on_outcome is not None:
+            on_outcome(index, outcome)
+
     datasets: dict[int, Dataset] = {}
     for index, path in enumerate(paths):
         read = _read(Path(path))
         if isinstance(read, SendOutcome):
-            outcomes[index] = read
+            settle(index, read)
         else:
             datasets[index] = read
     contexts = _contexts(list(datasets.values()))
@@ -186,6 +223,10 @@ def send_files(
         raise ValueError(
             f"paths need more than {_MAX_CONTEXTS} presentation contexts; send fewer at once"
         )
+    if datasets and stop is not None and stop.is_set():
+        for index in datasets:
+            settle(index, NOT_ATTEMPTED)
+        datasets = {}
     if datasets:
         ae = AE(ae_title=calling_aet)
         ae.connection_timeout = timeout
@@ -206,15 +247,18 @@ def send_files(
         if not assoc.is_established:
             message = _association_failure(assoc, destination)
             for index in datasets:
-                outcomes[index] = SendOutcome(False, None, message)
+                settle(index, SendOutcome(False, None, message))
         else:
             try:
                 for index, ds in datasets.items():
-                    outcomes[index] = _store_one(assoc, ds, destination)
+                    if stop is not None and stop.is_set():
+                        settle(index, NOT_ATTEMPTED)
+                        continue
+                    settle(index, _store_one(assoc, ds, destination))
             finally:
                 if assoc.is_established:
                     assoc.release()
-    return [o if o is not None else SendOutcome(False, None, "not attempted") for o in outcomes]
+    return [o if o is not None else NOT_ATTEMPTED for o in outcomes]
 
 
 def _store_one(assoc: Any, ds: Dataset, destination: DestinationSettings) -> SendOutcome:
@@ -291,7 +335,10 @@ def send_file(
 def _record(
     database: Database, send: SendInfo, outcome: SendOutcome, now: dt.datetime | None
 ) -> bool:
-    """Write one outcome to the queue; returns whether it counts as sent."""
+    """Write one outcome to the queue; returns whether it counts as sent (an object not
+    attempted is left as it was)."""
+    if not outcome.attempted:
+        return False
     try:
         if outcome.ok:
             status = outcome.status if outcome.status is not None else 0
@@ -345,8 +392,12 @@ def send_due(
     now: dt.datetime | None = None,
     limit: int = 100,
     tls: ssl.SSLContext | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Send every due send (up to ``limit``): one association per destination.
+
+    Each outcome is recorded as soon as the peer answered that object; ``stop`` ends
+    the sending between two objects (see the module notes).
 
     Parameters
     ----------
@@ -364,6 +415,8 @@ def send_due(
         At most this many sends in this call.
     tls : ssl.SSLContext or None
         Client TLS context for the associations (none configured by default).
+    stop : threading.Event or None
+        Once set, no further object is sent; the ones left stay pending.
 
     Returns
     -------
@@ -386,7 +439,11 @@ def send_due(
         groups.setdefault(send.destination, []).append(send)
 
     sent = 0
+    left = 0
     for name, sends in groups.items():
+        if stop is not None and stop.is_set():
+            left += len(sends)
+            continue
         destination = destinations.get(name)
         if destination is None:
             known = ", ".join(sorted(destinations)) or "none"
@@ -412,14 +469,24 @@ def send_due(
         # Keep each association within pynetdicom's 128 proposed contexts.
         for start in range(0, len(ready), _MAX_CONTEXTS // 2):
             batch = ready[start : start + _MAX_CONTEXTS // 2]
-            outcomes = send_files(
+
+            def record(index: int, outcome: SendOutcome, batch: Any = batch) -> None:
+                nonlocal sent, left
+                if not outcome.attempted:
+                    left += 1
+                sent += _record(database, batch[index][0], outcome, now)
+
+            send_files(
                 [path for _, path in batch],
                 destination,
                 calling_aet=settings.node.ae_title,
                 timeout_seconds=settings.send.timeout_seconds,
                 tls=tls,
+                on_outcome=record,
+                stop=stop,
             )
-            for (send, _), outcome in zip(batch, outcomes, strict=True):
-                sent += _record(database, send, outcome, now)
-    logger.info("sent %d of %d due send(s)", sent, len(due))
+    if left:
+        logger.info("sent %d of %d due send(s); stopping, %d left pending", sent, len(due), left)
+    else:
+        logger.info("sent %d of %d due send(s)", sent, len(due))
     return sent

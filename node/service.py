@@ -10,10 +10,13 @@
 Start-up order: configuration logged → database and file store opened (created or
 migrated) → model files checked (a missing model is a :class:`ConfigError` naming
 ``model.path`` before anything listens) → workers spawned → scheduler → SCP →
-``READY=1``. SIGTERM or SIGINT: ``STOPPING=1`` → the SCP stops accepting (running
-associations are aborted; the peer retries) → workers finish their current image (or
-are terminated after ``STOP_TIMEOUT_SECONDS``; their job's lease then expires and it is
-claimed again) → the scheduler finishes its running job → exit status 0.
+``READY=1``. SIGTERM or SIGINT: ``STOPPING=1`` → sending stops between two objects (the one in
+flight is finished and recorded, the rest stay pending) → the SCP stops accepting
+(running associations are aborted; the peer retries) → workers finish their current
+image (or are terminated after ``STOP_TIMEOUT_SECONDS``; their job's lease then expires
+and it is claimed again) → the scheduler finishes its running task → exit status 0.
+At start-up, before anything writes, temporary files a killed writer left in the store
+are removed (any age).
 
 A worker process that dies unexpectedly is restarted (at most once per
 :data:`node.pool.RESTART_DELAY_SECONDS`); its job returns to the queue when its lease
@@ -120,6 +123,10 @@ def serve(
     stop = stop_event if stop_event is not None else threading.Event()
     restore = _install_signal_handlers(stop)
     database, store = open_storage(settings)
+    # A writer killed mid-write (this node, a worker) leaves its temporary file behind;
+    # whatever their age, and whatever retention_days says, they go now (a live worker
+    # unit's own are kept).
+    store.purge_stale_temp_files(older_than_seconds=0, live_writers_kept=True)
     pool = WorkerPool(settings, count, device=None, detector_factory=detector_factory)
     scheduler = NodeScheduler(database, store, settings)
     scp = StorageSCP(settings=settings, store=store, database=database, port=port)
@@ -144,6 +151,9 @@ def serve(
     finally:
         logger.info("calcnode stopping")
         sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+        # First: no new send starts (the one in flight finishes and is recorded), so a
+        # slow PACS neither holds the stop up nor gets objects twice after a kill.
+        scheduler.stop_sending()
         try:
             scp.stop()
         finally:
@@ -246,10 +256,15 @@ def format_status(info: Mapping[str, Any]) -> str:
     if errors:
         lines.append("recent errors:")
         for err in errors:
-            text = str(err.get("error", "")).splitlines()[0][:120] if err.get("error") else ""
+            # One line per error, its reason included: a decoder's message is often on
+            # the lines after a generic first one.
+            text = " ".join(str(err.get("error") or "").split())
+            text = text if len(text) <= 200 else text[:197] + "..."
+            attempts = err.get("attempts")
+            tries = f", {attempts} attempt(s)" if attempts is not None else ""
             lines.append(
-                f"  {err.get('kind')} {err.get('id')} [{err.get('state')}, "
-                f"{err.get('attempts')} attempt(s)] {err.get('at')}: {text}"
+                f"  {err.get('kind')} {err.get('id')} [{err.get('state')}{tries}] "
+                f"{err.get('at')}: {text}"
             )
     return "\n".join(lines)
 

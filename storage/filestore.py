@@ -338,7 +338,11 @@ class FileStore:
         for attempt in range(_MKDIR_RETRIES):
             try:
                 self._makedirs(parent)
-                fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=parent)
+                # The writer's pid in the name: a start-up purge can tell a live writer's
+                # file from a killed one's (purge_stale_temp_files).
+                fd, tmp_name = tempfile.mkstemp(
+                    prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=TEMP_SUFFIX, dir=parent
+                )
                 break
             except FileNotFoundError:
                 # A concurrent purge_empty_dirs removed a directory we were creating or
@@ -411,8 +415,20 @@ class FileStore:
                     removed += 1
         return removed
 
-    def purge_stale_temp_files(self, *, older_than_seconds: float = 3600.0) -> list[str]:
+    def purge_stale_temp_files(
+        self, *, older_than_seconds: float = 3600.0, live_writers_kept: bool = False
+    ) -> list[str]:
         """Remove temporary files a killed writer left behind.
+
+        Parameters
+        ----------
+        older_than_seconds : float
+            Only files last modified at least this long ago (0: any age).
+        live_writers_kept : bool
+            Keep the files whose writer (the process id in the name, on this host) is
+            still running, whatever their age: for a purge at start-up while other
+            processes (worker units) may be writing into the store. A file with no
+            process id in its name (an older calcnode's) counts as a dead writer's.
 
         Returns
         -------
@@ -426,6 +442,8 @@ class FileStore:
         limit = time.time() - older_than_seconds
         removed: list[str] = []
         for path in self._root.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            if live_writers_kept and _writer_alive(path.name):
+                continue
             try:
                 if path.is_file() and path.stat().st_mtime <= limit:
                     path.unlink()
@@ -435,6 +453,27 @@ class FileStore:
         if removed:
             logger.warning("removed %d stale temporary file(s)", len(removed))
         return sorted(removed)
+
+
+_WRITER = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-")
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named this temporary file still runs (not this one:
+    the caller purges before it writes)."""
+    match = _WRITER.match(name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

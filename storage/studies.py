@@ -9,10 +9,11 @@ jobs is queued or running. The report made for it gets ``report_version + 1``
 (:meth:`Studies.mark_study_reported`); an image that arrived while the report was
 built keeps the study open, so it is due again with the next version.
 
-When no report can be made of a study's content at all (its images disagree on the
-patient, say), :meth:`Studies.mark_study_failed` ends it with the reason
-(``report_error``): its snapshot's state is then ``failed`` (stored as ``reported``
-with a reason: the content is dealt with), and only new content re-opens it.
+When no report can be made of a study's content (its images disagree on the patient,
+say), :meth:`Studies.mark_study_failed` ends it with the reason (``report_error``); when
+only some could, :meth:`Studies.mark_study_reported` takes the reason too. Either way
+its snapshot's state is ``failed`` (stored as ``reported`` with a reason: the content is
+dealt with), and only new content re-opens it.
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ class Studies:
         *,
         generation: int | None = None,
         now: dt.datetime | None = None,
+        error: str | None = None,
     ) -> bool:
         """Record that the study's reports were made at ``version``.
 
@@ -273,6 +275,10 @@ class Studies:
             stays open, so it is due again with the next version.
         now : datetime or None
             Current time (aware).
+        error : str or None
+            Why not every report could be made (some were): kept as ``report_error``,
+            so the study shows as ``failed`` (its reason in ``status_summary``) until new
+            content re-opens it. None clears an earlier one.
 
         Returns
         -------
@@ -304,7 +310,7 @@ class Studies:
             if study.reported_at is None:
                 study.reported_at = now
             study.last_report_at = now
-            study.report_error = None
+            study.report_error = cut_error(error) if error else None
             if generation is not None and generation != study.content_generation:
                 study.state = "open"
                 logger.info(

@@ -333,3 +333,94 @@ def test_node_scheduler_reports_and_sends_in_the_background(
         scheduler.stop()
     assert len(receiver.by_modality("SR")) == 2
     assert len(receiver.by_modality("SEG")) == 1
+
+
+# --------------------------------------------------------------------------- issue 12, 9
+
+
+def test_a_study_whose_reports_are_refused_is_ended_failed_once_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from node.service import format_status, status
+
+    settings = make_settings(
+        tmp_path, quiet_seconds=0.0, destinations=(PACS,), kinds=("cad-sr", "seg", "gsps")
+    )
+    worker = make_worker(settings, FakeDetector())
+    first = make_mg_dataset(patient_id="PATIENT-A1")
+    second = make_mg_dataset(study_uid=first.StudyInstanceUID, patient_id="PATIENT-B2", seed=1)
+    receive(worker.database, worker.store, first)
+    receive(worker.database, worker.store, second)
+    assert worker.run_once() == worker.run_once() == "done"
+    failures = ReportFailures(base_seconds=1.0)
+    now = utcnow()
+    args = (worker.database, worker.store, settings)
+    caplog.set_level("INFO", logger="node.scheduler")
+    assert complete_studies(*args, now=now, failures=failures) == 1
+    # Before: retried with back-off for ever, a traceback at ERROR each time, "open".
+    study = worker.database.studies.get_study(first.StudyInstanceUID)
+    assert study.state == "failed"
+    assert "another PatientID" in (study.report_error or "")
+    for later in (10, 100, 10_000):
+        assert (
+            complete_studies(*args, now=now + dt.timedelta(seconds=later), failures=failures) == 0
+        )
+    ended = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "node.scheduler"]
+    assert len(ended) == 1 and ended[0].exc_info is None
+    assert "no report can be made" in ended[0].getMessage()
+    assert "PATIENT-A1" not in caplog.text and "PATIENT-B2" not in caplog.text
+    assert not failures.entries
+    # The per-image objects still go out; the study shows as failed, with its reason.
+    assert {s.kind for s in worker.database.sends.due_sends()} >= {"gsps"}
+    text = format_status(status(settings))
+    assert "failed 1" in text and "another PatientID" in text
+
+
+def test_new_content_reopens_a_failed_study(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, quiet_seconds=0.0, kinds=("cad-sr",))
+    worker = make_worker(settings, FakeDetector())
+    first = make_mg_dataset(patient_id="PATIENT-A1")
+    second = make_mg_dataset(study_uid=first.StudyInstanceUID, patient_id="PATIENT-B2", seed=1)
+    receive(worker.database, worker.store, first)
+    second_job = receive(worker.database, worker.store, second)
+    worker.run_once()
+    worker.run_once()
+    args = (worker.database, worker.store, settings)
+    assert complete_studies(*args, now=utcnow()) == 1
+    assert worker.database.studies.get_study(first.StudyInstanceUID).state == "failed"
+    # The admin fixes the image and re-sends it: same UID, the right patient.
+    second.PatientID = "PATIENT-A1"
+    worker.database.jobs.retry_job(second_job)
+    worker.store.write_atomic(
+        worker.database.jobs.get_job(second_job).path,
+        lambda fh: second.save_as(fh, enforce_file_format=True),
+    )
+    assert worker.run_once() == "done"
+    assert complete_studies(*args, now=utcnow()) == 1
+    study = worker.database.studies.get_study(first.StudyInstanceUID)
+    assert (study.state, study.report_version, study.report_error) == ("reported", 1, None)
+
+
+def test_a_refused_kind_is_logged_once_and_the_study_shows_failed_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, quiet_seconds=0.0)
+    worker = make_worker(settings, FakeDetector())
+    ds = make_mg_dataset()
+    receive(worker.database, worker.store, ds)
+    worker.run_once()
+
+    def refuses(**_kw: object) -> None:
+        raise ValueError("study[0] lacks ImageLaterality")
+
+    monkeypatch.setattr("node.reports.cad_sr.build_cad_sr", refuses)
+    caplog.set_level("ERROR", logger="node.scheduler")
+    args = (worker.database, worker.store, settings)
+    assert complete_studies(*args, now=utcnow()) == 1
+    study = worker.database.studies.get_study(ds.StudyInstanceUID)
+    # The TID 1500 SR went out; the missing CAD SR is not silent.
+    assert (study.state, study.report_version) == ("failed", 1)
+    assert study.report_error == "cad-sr: ValueError: study[0] lacks ImageLaterality"
+    assert list(study_srs(worker.store, worker.database, ds.StudyInstanceUID)) == [COMPREHENSIVE_SR]
+    [line] = [r for r in caplog.records if r.name == "node.scheduler"]
+    assert line.exc_info is None and "the cad-sr was not made" in line.getMessage()

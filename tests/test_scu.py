@@ -386,3 +386,66 @@ def test_send_file_over_tls_to_calcnode_scp(tmp_path: Path) -> None:
         database.close()
     assert (tls_outcome.ok, tls_outcome.status) == (True, 0x0000)
     assert (plain_outcome.ok, plain_outcome.status) == (False, None)
+
+
+# ----------------------------------------------------------------------------- issue 12, 6
+
+
+class WatchingPeer(Peer):
+    """A peer that runs ``on_each(dataset)`` as each object arrives, before answering."""
+
+    def __init__(self, on_each: Any) -> None:
+        super().__init__()
+        self.on_each = on_each
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.on_each(event.dataset)
+        return super()._on_store(event)
+
+
+def test_each_outcome_is_recorded_as_soon_as_the_peer_answered_that_object(
+    queue: Queue, tmp_path: Path
+) -> None:
+    objects = [result_object() for _ in range(4)]
+    ids = {str(ds.SOPInstanceUID): queue.add(ds) for ds in objects}
+    seen: list[tuple[str, list[str]]] = []
+
+    def on_each(ds: Dataset) -> None:
+        # What the node has recorded of the objects this peer already acknowledged.
+        earlier = [uid for uid, _ in seen]
+        states = [queue.database.sends.get_send(ids[uid]).state for uid in earlier]
+        seen.append((str(ds.SOPInstanceUID), states))
+
+    peer = WatchingPeer(on_each)
+    port = peer.start()
+    try:
+        settings = settings_for(tmp_path, destination(port))
+        assert send_due(queue.database, queue.store, settings, now=at(0)) == 4
+    finally:
+        peer.stop()
+    # Before: every send stayed pending until the association ended.
+    assert [states for _, states in seen] == [[], ["sent"], ["sent"] * 2, ["sent"] * 3]
+
+
+def test_a_stop_ends_sending_between_objects_and_leaves_the_rest_pending_untouched(
+    queue: Queue, tmp_path: Path
+) -> None:
+    import threading
+
+    objects = [result_object() for _ in range(4)]
+    ids = [queue.add(ds) for ds in objects]
+    stop = threading.Event()
+    peer = WatchingPeer(lambda _ds: stop.set())  # stopped while the first is in flight
+    port = peer.start()
+    try:
+        settings = settings_for(tmp_path, destination(port))
+        assert send_due(queue.database, queue.store, settings, now=at(0), stop=stop) == 1
+    finally:
+        peer.stop()
+    assert len(peer.received) == 1  # the one in flight was finished, nothing after it
+    infos = [queue.database.sends.get_send(i) for i in ids]
+    assert infos[0].state == "sent"
+    assert [(i.state, i.attempts, i.last_error) for i in infos[1:]] == [("pending", 0, None)] * 3
+    # Stopped before anything: nothing is even tried.
+    assert send_due(queue.database, queue.store, settings, now=at(1), stop=stop) == 0
+    assert [queue.database.sends.get_send(i).attempts for i in ids[1:]] == [0, 0, 0]
