@@ -3,7 +3,8 @@
 The model's identity (checkpoint digests and operating point) is the cascade's
 (:class:`cascade.inference.weights.ModelIdentity`); this module turns it into DICOM: the
 Device UID, the Algorithm Name and Version, and the series UIDs that keep every version
-of a study's report in one series per output kind.
+of a result in one series: per study and kind, or per image and kind for the objects
+OHIF reads one per series (SEG, TID 1500 SR).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from node.reports.common import Provenance
 
 __all__ = [
     "ALGORITHM_NAME",
+    "PER_IMAGE_SERIES_KINDS",
     "derived_uid",
     "device_uid_for",
     "make_provenance",
@@ -61,8 +63,35 @@ def device_uid_for(model_sha256: str) -> str:
     return f"2.25.{value}"
 
 
-def series_uid_for(study_instance_uid: str, kind: str) -> str:
-    """The Series Instance UID of one output kind in one study (stable across versions)."""
+#: Output kinds with one series per source image (each image's object alone in its series):
+#: OHIF reads only the last instance of a SEG or SR series and shows the series of an
+#: SR's first measurement only, so a series shared by the views would hide all but one.
+PER_IMAGE_SERIES_KINDS: frozenset[str] = frozenset({"seg", "tid1500-sr"})
+
+
+def series_uid_for(study_instance_uid: str, kind: str, image: str | None = None) -> str:
+    """The Series Instance UID of one output kind, stable across versions and re-sends.
+
+    Parameters
+    ----------
+    study_instance_uid : str
+        The source study.
+    kind : str
+        Output kind (``"cad-sr"``, ``"tid1500-sr"``, ``"seg"``, ``"gsps"``).
+    image : str or None
+        SOP Instance UID of the source image. Required for the kinds in
+        :data:`PER_IMAGE_SERIES_KINDS` (one series per (study, image, kind)); ignored
+        for the others (one series per (study, kind)).
+
+    Raises
+    ------
+    ValueError
+        A per-image kind without ``image``.
+    """
+    if kind in PER_IMAGE_SERIES_KINDS:
+        if not image:
+            raise ValueError(f"series_uid_for: kind {kind!r} has one series per image: pass image")
+        return derived_uid("calcnode-series", study_instance_uid, kind, image)
     return derived_uid("calcnode-series", study_instance_uid, kind)
 
 

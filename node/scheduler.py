@@ -18,11 +18,13 @@ Study completion (the quiet-period rule)
 
     * ``cad-sr`` — Mammography CAD SR (TID 4000), also for a study without findings
       (111241 "All algorithms succeeded; without findings");
-    * ``tid1500-sr`` — TID 1500 measurement report.
+    * ``tid1500-sr`` — TID 1500 measurement report, one per image with findings, each
+      in its own series (``node.identity.series_uid_for``).
 
     ``version`` is the study's report version: 1 the first time; an image that arrives
     after the report re-opens the study and the next report is version 2, a new
-    instance in the same series (one series per study and kind). Images whose job
+    instance in the same series (one series per study and kind, per image for the TID
+    1500 SRs). Images whose job
     failed are left out of the report (logged). Per-image objects of done jobs are
     queued for sending again (idempotent) in case a worker died between completing its
     job and queueing its sends.
@@ -214,21 +216,41 @@ def report_study(
             due.failed_count,
         )
     else:
-        builders: dict[str, Callable[..., Dataset]] = {
-            "cad-sr": lambda **kw: build_cad_sr(
-                legacy_srt_codes=settings.outputs.legacy_srt_codes, **kw
-            ),
-            "tid1500-sr": build_tid1500_sr,
-        }
+        # (kind, builder) per object: the CAD SR covers the study; the TID 1500 SR is one
+        # per image, each in its own series (what OHIF can navigate).
+        builds: list[tuple[str, Callable[..., Dataset | None]]] = []
+        if "cad-sr" in settings.outputs.kinds:
+            builds.append(
+                (
+                    "cad-sr",
+                    lambda **kw: build_cad_sr(
+                        study=pairs,
+                        series_instance_uid=series_uid_for(uid, "cad-sr"),
+                        legacy_srt_codes=settings.outputs.legacy_srt_codes,
+                        **kw,
+                    ),
+                )
+            )
+        if "tid1500-sr" in settings.outputs.kinds:
+            for src, dets in pairs:
+                builds.append(
+                    (
+                        "tid1500-sr",
+                        lambda src=src, dets=dets, **kw: build_tid1500_sr(
+                            source=src,
+                            detections=dets,
+                            series_instance_uid=series_uid_for(
+                                uid, "tid1500-sr", str(src.SOPInstanceUID)
+                            ),
+                            **kw,
+                        ),
+                    )
+                )
         errors: dict[str, Exception] = {}
-        for kind in STUDY_KINDS:
-            if kind not in settings.outputs.kinds:
-                continue
+        for kind, build in builds:
             try:
-                ds = builders[kind](
-                    study=pairs,
+                ds = build(
                     provenance=provenance,
-                    series_instance_uid=series_uid_for(uid, kind),
                     sop_instance_uid=generate_uid(prefix=None),
                     version=due.version,
                 )
@@ -239,6 +261,8 @@ def report_study(
             except Exception as exc:
                 logger.exception("study %s: building the %s failed", uid, kind)
                 errors[kind] = exc
+                continue
+            if ds is None:  # a TID 1500 SR of an image without findings
                 continue
             sop_uid = str(ds.SOPInstanceUID)
             stored = store.write_atomic(

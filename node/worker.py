@@ -319,7 +319,9 @@ class Worker:
             "source": source,
             "detections": detections,
             "provenance": self.provenance,
-            "series_instance_uid": series_uid_for(job.study_instance_uid, kind),
+            "series_instance_uid": series_uid_for(
+                job.study_instance_uid, kind, job.sop_instance_uid
+            ),
             "sop_instance_uid": generate_uid(prefix=None),
             # One object per image in a series shared by the study: the job id keeps
             # InstanceNumber distinct within the series.

@@ -8,6 +8,7 @@ For Processing, findings below the operating point (Presentation Optional), VOI 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +38,17 @@ DCIODVFY_ALLOWED = frozenset(
 DSRDUMP_ALLOWED_CAD = frozenset({v.DSRDUMP_ALWAYS})
 DSRDUMP_ALLOWED_TID1500: frozenset[str] = frozenset()
 PIXELMED_ALLOWED: frozenset[str] = frozenset()
+#: Each TID 1500 finding carries its label as a Comment (121106, DCM) TEXT, the item OHIF
+#: reads a tracked measurement's label from. PixelMed (2022) has no TEXT row in TID 1501
+#: (an extensible template) and says "Content Item not in template", which
+#: tests/validators.py counts as an error. This one item, and nothing else, is accepted
+#: (docs/conformance.md, "Viewer conventions").
+PIXELMED_TID1500_COMMENT = re.compile(
+    r"Warning: [0-9.]+: /CONTAINER \(126000,DCM,\"Imaging Measurement Report\"\)"
+    r"/CONTAINER \(126010,DCM,\"Imaging Measurements\"\)"
+    r"/CONTAINER \(125007,DCM,\"Measurement Group\"\)"
+    r"/TEXT \(121106,DCM,\"Comment\"\): Content Item not in template"
+)
 
 needs_dciodvfy = pytest.mark.skipif(not v.have_dciodvfy(), reason="dciodvfy not installed")
 
@@ -132,20 +144,29 @@ def _check(found: v.Findings, allowed: frozenset[str]) -> None:
     assert v.unexpected(found.warnings, allowed) == [], str(found)
 
 
-def _cad(study: Study, scenario: str) -> Dataset:
-    return build_cad_sr(
-        study=study,
-        provenance=PROVENANCE,
-        series_instance_uid=generate_uid(),
-        operating_point=0.5 if scenario == "below_operating_point" else None,
-    )
+def _cad(study: Study, scenario: str) -> list[Dataset]:
+    return [
+        build_cad_sr(
+            study=study,
+            provenance=PROVENANCE,
+            series_instance_uid=generate_uid(),
+            operating_point=0.5 if scenario == "below_operating_point" else None,
+        )
+    ]
 
 
-def _tid1500(study: Study, scenario: str) -> Dataset:
-    return build_tid1500_sr(study=study, provenance=PROVENANCE, series_instance_uid=generate_uid())
+def _tid1500(study: Study, scenario: str) -> list[Dataset]:
+    """One report per image with findings (none for an image without)."""
+    built = [
+        build_tid1500_sr(
+            source=mg, detections=dets, provenance=PROVENANCE, series_instance_uid=generate_uid()
+        )
+        for mg, dets in study
+    ]
+    return [sr for sr in built if sr is not None]
 
 
-SR_BUILDERS: dict[str, tuple[Callable[[Study, str], Dataset], frozenset[str], str]] = {
+SR_BUILDERS: dict[str, tuple[Callable[[Study, str], list[Dataset]], frozenset[str], str]] = {
     "cad_sr": (_cad, DSRDUMP_ALLOWED_CAD, "TID_4000"),
     "tid1500": (_tid1500, DSRDUMP_ALLOWED_TID1500, "TID_1500"),
 }
@@ -186,14 +207,13 @@ def sr_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
     files: dict[str, Path] = {}
     for kind, (builder, _, _) in SR_BUILDERS.items():
         for scenario in SR_SCENARIOS:
-            files[f"{kind}/{scenario}"] = _write(
-                builder(_study(scenario), scenario), folder / f"{kind}-{scenario}.dcm"
-            )
+            for i, sr in enumerate(builder(_study(scenario), scenario)):
+                files[f"{kind}/{scenario}/{i}"] = _write(sr, folder / f"{kind}-{scenario}-{i}.dcm")
     files["broken/reference"] = _write(
-        _broken_reference(_cad(_study("spacing_100um"), "")), folder / "broken-reference.dcm"
+        _broken_reference(_cad(_study("spacing_100um"), "")[0]), folder / "broken-reference.dcm"
     )
     files["broken/order"] = _write(
-        _swapped_summaries(_cad(_study("spacing_100um"), "")), folder / "broken-order.dcm"
+        _swapped_summaries(_cad(_study("spacing_100um"), "")[0]), folder / "broken-order.dcm"
     )
     pixelmed = v.run_pixelmed_sr_many(list(files.values()))
     return {
@@ -213,12 +233,26 @@ def test_sr_passes_all_three_validators(
     kind: str, scenario: str, sr_results: dict[str, dict[str, v.Findings]]
 ) -> None:
     _, dsrdump_allowed, root_template = SR_BUILDERS[kind]
-    found = sr_results[f"{kind}/{scenario}"]
-    _check(found["dciodvfy"], DCIODVFY_ALLOWED)
-    _check(found["dsrdump"], dsrdump_allowed)
-    _check(found["pixelmed"], PIXELMED_ALLOWED)
-    # PixelMed must have recognised the root template, or it checked nothing.
-    assert f"Found Root Template {root_template}" in found["pixelmed"].output, found["pixelmed"]
+    reports = [found for key, found in sr_results.items() if key.startswith(f"{kind}/{scenario}/")]
+    # One CAD SR per study; one TID 1500 SR per image with findings (none without).
+    expected = 1 if kind == "cad_sr" else sum(1 for _, d in _study(scenario) if d.detections)
+    assert len(reports) == expected
+    for found in reports:
+        _check(found["dciodvfy"], DCIODVFY_ALLOWED)
+        _check(found["dsrdump"], dsrdump_allowed)
+        pixelmed = found["pixelmed"]
+        if kind == "tid1500":
+            comments = [e for e in pixelmed.errors if PIXELMED_TID1500_COMMENT.fullmatch(e)]
+            assert comments, pixelmed  # every finding has its label
+            pixelmed = v.Findings(
+                pixelmed.tool,
+                errors=[e for e in pixelmed.errors if e not in comments],
+                warnings=pixelmed.warnings,
+                output=pixelmed.output,
+            )
+        _check(pixelmed, PIXELMED_ALLOWED)
+        # PixelMed must have recognised the root template, or it checked nothing.
+        assert f"Found Root Template {root_template}" in found["pixelmed"].output, found["pixelmed"]
 
 
 @pytest.mark.slow

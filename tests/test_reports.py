@@ -152,21 +152,44 @@ def test_gsps_circle_of_detection_at_10_20_is_centred_at_10_5_20_5(
     assert data[3] == 20.5 and data[2] > 10.5 + 2.0  # ring outside the 2-px speck
 
 
-def test_tid1500_circle_of_detection_at_10_20_is_centred_at_10_5_20_5(
+def test_tid1500_point_of_detection_at_10_20_is_at_10_5_20_5(
     provenance: Provenance,
 ) -> None:
     mg = make_mg_dataset()
-    sr = roundtrip(
-        build_tid1500_sr(
-            study=[(mg, image_detections(mg, [(10, 20, 0.9)], radius=3.0))],
-            provenance=provenance,
-            series_instance_uid=generate_uid(),
-        )
+    sr = build_tid1500_sr(
+        source=mg,
+        detections=image_detections(mg, [(10, 20, 0.9)], radius=3.0),
+        provenance=provenance,
+        series_instance_uid=generate_uid(),
     )
-    scoords = [it for _, it in walk(list(sr.ContentSequence)) if it.ValueType == "SCOORD"]
+    assert sr is not None
+    scoords = [
+        it for _, it in walk(list(roundtrip(sr).ContentSequence)) if it.ValueType == "SCOORD"
+    ]
     assert len(scoords) == 1
-    assert scoords[0].GraphicType == "CIRCLE"
-    assert [float(v) for v in scoords[0].GraphicData] == [10.5, 20.5, 13.5, 20.5]
+    assert scoords[0].GraphicType == "POINT"
+    assert [float(v) for v in scoords[0].GraphicData] == [10.5, 20.5]
+
+
+def test_tid1500_cluster_is_one_circle_around_its_members(provenance: Provenance) -> None:
+    mg = make_mg_dataset()  # 0.1 mm pixels: the three lie within 1 mm
+    pts = [(40.0, 60.0, 0.9), (46.0, 60.0, 0.8), (43.0, 66.0, 0.7)]
+    sr = build_tid1500_sr(
+        source=mg,
+        detections=image_detections(mg, pts, radius=2.0),
+        provenance=provenance,
+        series_instance_uid=generate_uid(),
+    )
+    assert sr is not None
+    scoords = [
+        it for _, it in walk(list(roundtrip(sr).ContentSequence)) if it.ValueType == "SCOORD"
+    ]
+    assert [s.GraphicType for s in scoords] == ["CIRCLE"]
+    cx, cy, px, py = (float(v) for v in scoords[0].GraphicData)
+    assert (cx, cy) == pytest.approx((43.5, 62.5))
+    radius = ((px - cx) ** 2 + (py - cy) ** 2) ** 0.5
+    for x, y, _ in pts:  # every member's disc inside, with the 0.5-mm margin
+        assert ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2) ** 0.5 + 2.0 + 5.0 <= radius + 1e-6
 
 
 # --- common attributes of every kind ---------------------------------------------------------
@@ -179,9 +202,11 @@ def _build(kind: str, mg: Dataset, dets: ImageDetections, provenance: Provenance
             study=[(mg, dets)], provenance=provenance, series_instance_uid=series, **kw
         )
     if kind == "tid1500":
-        return build_tid1500_sr(
-            study=[(mg, dets)], provenance=provenance, series_instance_uid=series, **kw
+        sr = build_tid1500_sr(
+            source=mg, detections=dets, provenance=provenance, series_instance_uid=series, **kw
         )
+        assert sr is not None
+        return sr
     if kind == "seg":
         seg = build_seg(
             source=mg, detections=dets, provenance=provenance, series_instance_uid=series, **kw
@@ -217,7 +242,9 @@ def test_result_survives_bytes_roundtrip_in_the_source_study(
     for keyword in PATIENT_STUDY:
         assert str(back.get(keyword, "")) == str(mg.get(keyword, "")), keyword
     assert back.SeriesInstanceUID != mg.SeriesInstanceUID
-    assert back.SeriesDescription == SERIES_DESCRIPTIONS[kind]
+    # Per-image objects name their view first (a series list cuts descriptions short).
+    view = "L CC " if kind in ("tid1500", "seg") else ""
+    assert back.SeriesDescription == view + SERIES_DESCRIPTIONS[kind]
     assert "not for clinical use" in back.SeriesDescription
     assert back.Manufacturer == provenance.manufacturer
     assert back.ManufacturerModelName == provenance.model_name
@@ -229,16 +256,14 @@ def test_result_survives_bytes_roundtrip_in_the_source_study(
     assert back.InstanceNumber == 1
 
 
-@pytest.mark.parametrize("kind", ("cad_sr", "tid1500"))
-def test_sr_is_unverified_complete_and_lists_every_image_as_evidence(
-    kind: str, provenance: Provenance
+def test_cad_sr_is_unverified_complete_and_lists_every_image_as_evidence(
+    provenance: Provenance,
 ) -> None:
     study_uid = generate_uid()
     left = make_mg_dataset(study_uid=study_uid, laterality="L")
     right = make_mg_dataset(study_uid=study_uid, laterality="R", view="MLO")
-    builder = build_cad_sr if kind == "cad_sr" else build_tid1500_sr
     sr = roundtrip(
-        builder(
+        build_cad_sr(
             study=[
                 (left, image_detections(left, [(30, 40, 0.8)])),
                 (right, image_detections(right, [])),
@@ -256,6 +281,29 @@ def test_sr_is_unverified_complete_and_lists_every_image_as_evidence(
         for ref in series.ReferencedSOPSequence
     }
     assert listed == {left.SOPInstanceUID, right.SOPInstanceUID}
+
+
+def test_tid1500_sr_is_unverified_complete_and_lists_its_image_as_evidence(
+    provenance: Provenance,
+) -> None:
+    mg = make_mg_dataset(laterality="R", view="MLO")
+    sr = build_tid1500_sr(
+        source=mg,
+        detections=image_detections(mg, [(30, 40, 0.8)]),
+        provenance=provenance,
+        series_instance_uid=generate_uid(),
+    )
+    assert sr is not None
+    sr = roundtrip(sr)
+    assert (sr.VerificationFlag, sr.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
+    listed = [
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    ]
+    assert listed == [mg.SOPInstanceUID]
+    assert sr.SeriesDescription.startswith("R MLO calcnode measurements SR")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -463,14 +511,14 @@ def test_tid1500_gives_each_finding_its_own_tracking_uid_and_device_observer(
     provenance: Provenance,
 ) -> None:
     mg = make_mg_dataset()
-    sr = roundtrip(
-        build_tid1500_sr(
-            study=[(mg, image_detections(mg, [(20, 20, 0.9), (60, 80, 0.7), (100, 30, 0.6)]))],
-            provenance=provenance,
-            series_instance_uid=generate_uid(),
-        )
+    sr = build_tid1500_sr(
+        source=mg,
+        detections=image_detections(mg, [(20, 20, 0.9), (60, 80, 0.7), (100, 30, 0.6)]),
+        provenance=provenance,
+        series_instance_uid=generate_uid(),
     )
-    items = [it for _, it in walk(list(sr.ContentSequence))]
+    assert sr is not None
+    items = [it for _, it in walk(list(roundtrip(sr).ContentSequence))]
     tracking = [str(it.UID) for it in items if concept(it) == "112040"]
     assert len(tracking) == 3 and len(set(tracking)) == 3
     device_uids = [str(it.UID) for it in items if concept(it) == "121012"]
@@ -481,16 +529,59 @@ def test_tid1500_gives_each_finding_its_own_tracking_uid_and_device_observer(
     assert finding_types == ["129770007"] * 3
 
 
-def test_tid1500_without_findings_records_clinical_finding_absent(provenance: Provenance) -> None:
+def test_tid1500_is_skipped_without_findings(provenance: Provenance) -> None:
+    # OHIF cannot open a report without geometry; the CAD SR says "without findings".
     mg = make_mg_dataset()
     sr = build_tid1500_sr(
-        study=[(mg, image_detections(mg, []))],
+        source=mg,
+        detections=image_detections(mg, []),
         provenance=provenance,
         series_instance_uid=generate_uid(),
     )
-    items = [it for _, it in walk(list(sr.ContentSequence))]
-    assert [value_code(it) for it in items if concept(it) == "121071"] == ["373572006"]
-    assert not [it for it in items if it.ValueType == "SCOORD"]
+    assert sr is None
+
+
+def test_tid1500_follows_ohif_conventions(provenance: Provenance) -> None:
+    # A cluster of three and one isolated calcification: two groups, each with a
+    # Cornerstone tracking identifier, a label, and the region under the first NUM.
+    mg = make_mg_dataset()
+    pts = [(40.0, 60.0, 0.96), (46.0, 60.0, 0.8), (43.0, 66.0, 0.7), (150.0, 200.0, 0.88)]
+    sr = build_tid1500_sr(
+        source=mg,
+        detections=image_detections(mg, pts),
+        provenance=provenance,
+        series_instance_uid=generate_uid(),
+    )
+    assert sr is not None
+    report = roundtrip(sr)
+    groups = [item for _, item in items_named(report, "125007")]
+    assert len(groups) == 2
+    seen = []
+    for group in groups:
+        children = list(group.ContentSequence)
+        tracking = next(c.TextValue for c in children if concept(c) == "112039")
+        label = next(c.TextValue for c in children if concept(c) == "121106")  # Comment
+        finding = next(value_code(c) for c in children if concept(c) == "121071")
+        first_num = next(c for c in children if c.ValueType == "NUM")
+        assert concept(first_num) == "111012"  # Certainty of Finding
+        source = [c for c in first_num.ContentSequence if c.ValueType == "SCOORD"]
+        assert len(source) == 1 and source[0].RelationshipType == "INFERRED FROM"
+        assert source[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            mg.SOPInstanceUID
+        )
+        # OHIF reads a NUM's first child as its geometry: nothing may come before it.
+        assert first_num.ContentSequence[0].ValueType == "SCOORD"
+        assert not [c for c in children if c.ValueType == "SCOORD"]  # no group-level region
+        seen.append((tracking, finding, source[0].GraphicType, label))
+    assert sorted(seen) == [
+        ("Cornerstone3DTools@^0.1.0:ArrowAnnotate", "129770007", "POINT", "Calcification, 88 %"),
+        (
+            "Cornerstone3DTools@^0.1.0:CircleROI",
+            "129769006",
+            "CIRCLE",
+            "Cluster of 3 calcifications, 96 %",
+        ),
+    ]
 
 
 # --- SEG ---------------------------------------------------------------------------------------
@@ -649,10 +740,9 @@ def test_provenance_rejects_a_backslash_in_versions() -> None:
         )
 
 
-@pytest.mark.parametrize("builder", [build_cad_sr, build_tid1500_sr])
-def test_sr_builders_reject_an_empty_study(builder, provenance: Provenance) -> None:
+def test_cad_sr_rejects_an_empty_study(provenance: Provenance) -> None:
     with pytest.raises(ValueError, match="study"):
-        builder(study=[], provenance=provenance, series_instance_uid=generate_uid())
+        build_cad_sr(study=[], provenance=provenance, series_instance_uid=generate_uid())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -679,7 +769,7 @@ def test_builders_reject_a_bad_series_uid(kind: str, provenance: Provenance) -> 
             build_cad_sr(study=[(mg, dets)], provenance=provenance, series_instance_uid="1.02.x")
         elif kind == "tid1500":
             build_tid1500_sr(
-                study=[(mg, dets)], provenance=provenance, series_instance_uid="1.02.x"
+                source=mg, detections=dets, provenance=provenance, series_instance_uid="1.02.x"
             )
         elif kind == "seg":
             build_seg(
@@ -773,9 +863,35 @@ def test_marks_of_findings_at_the_image_edge_stay_inside_the_image(
     sr = roundtrip(
         build_cad_sr(study=[(mg, dets)], provenance=provenance, series_instance_uid=generate_uid())
     )
+    tid = build_tid1500_sr(
+        source=mg, detections=dets, provenance=provenance, series_instance_uid=generate_uid()
+    )
+    assert tid is not None
+    circles = [
+        it for _, it in walk(list(roundtrip(tid).ContentSequence)) if it.ValueType == "SCOORD"
+    ]
+    assert [c.GraphicType for c in circles] == ["CIRCLE"]
+    data = [float(v) for v in circles[0].GraphicData]
+    assert min(data[0::2]) >= 0 and max(data[0::2]) <= cols
+    assert min(data[1::2]) >= 0 and max(data[1::2]) <= rows
     outlines = [item for _, item in items_named(sr, "111041")]
     assert outlines, "the cluster has an Outline"
     for item in outlines:
         data = [float(v) for v in item.GraphicData]
         assert min(data[0::2]) >= 0 and max(data[0::2]) <= cols
         assert min(data[1::2]) >= 0 and max(data[1::2]) <= rows
+
+
+def test_per_image_kinds_get_one_stable_series_per_image_and_the_others_one_per_study() -> None:
+    from node.identity import series_uid_for
+
+    study, a, b = "1.2.3", "1.2.3.4", "1.2.3.5"
+    for kind in ("seg", "tid1500-sr"):
+        assert series_uid_for(study, kind, a) == series_uid_for(study, kind, a)  # re-sends
+        assert series_uid_for(study, kind, a) != series_uid_for(study, kind, b)
+        with pytest.raises(ValueError, match="one series per image"):
+            series_uid_for(study, kind)
+    assert series_uid_for(study, "seg", a) != series_uid_for(study, "tid1500-sr", a)
+    for kind in ("cad-sr", "gsps"):
+        assert series_uid_for(study, kind, a) == series_uid_for(study, kind, b)
+        assert series_uid_for(study, kind) == series_uid_for(study, kind, a)

@@ -116,11 +116,12 @@ def test_study_without_findings_still_gets_its_cad_sr(tmp_path: Path) -> None:
     cad = srs[CAD_SR][0]
     assert summary_code(cad) == "111241"  # All algorithms succeeded; without findings
     assert library_size(cad) == 1
-    assert len(srs[COMPREHENSIVE_SR]) == 1
-    # No SEG for an empty mask; the GSPS (no graphics) and both SRs are sent.
+    # No TID 1500 SR and no SEG for an image without findings (OHIF cannot open a
+    # report without geometry); the GSPS (no graphics) and the CAD SR are sent.
+    assert COMPREHENSIVE_SR not in srs
     kinds = sorted(s.kind for s in worker.database.sends.due_sends())
-    assert "seg" not in kinds
-    assert {"cad-sr", "tid1500-sr"} <= set(kinds)
+    assert "seg" not in kinds and "tid1500-sr" not in kinds
+    assert "cad-sr" in kinds
 
 
 def test_new_image_after_the_report_makes_version_two_in_the_same_series(tmp_path: Path) -> None:
@@ -139,14 +140,22 @@ def test_new_image_after_the_report_makes_version_two_in_the_same_series(tmp_pat
 
     study = worker.database.studies.get_study(first.StudyInstanceUID)
     assert (study.state, study.report_version) == ("reported", 2)
-    for sop_class in (CAD_SR, COMPREHENSIVE_SR):
-        versions = sorted(
-            study_srs(worker.store, worker.database, first.StudyInstanceUID)[sop_class],
-            key=lambda d: int(d.InstanceNumber),
-        )
-        assert [int(v.InstanceNumber) for v in versions] == [1, 2]
-        assert versions[0].SeriesInstanceUID == versions[1].SeriesInstanceUID
-        assert versions[0].SOPInstanceUID != versions[1].SOPInstanceUID
+    versions = sorted(
+        study_srs(worker.store, worker.database, first.StudyInstanceUID)[CAD_SR],
+        key=lambda d: int(d.InstanceNumber),
+    )
+    assert [int(v.InstanceNumber) for v in versions] == [1, 2]
+    assert versions[0].SeriesInstanceUID == versions[1].SeriesInstanceUID
+    assert versions[0].SOPInstanceUID != versions[1].SOPInstanceUID
+    # One TID 1500 SR per image, each image's versions in that image's own series.
+    by_series: dict[str, list[int]] = {}
+    for sr in study_srs(worker.store, worker.database, first.StudyInstanceUID)[COMPREHENSIVE_SR]:
+        by_series.setdefault(str(sr.SeriesInstanceUID), []).append(int(sr.InstanceNumber))
+    uid = first.StudyInstanceUID
+    assert {k: sorted(v) for k, v in by_series.items()} == {
+        series_uid_for(uid, "tid1500-sr", str(first.SOPInstanceUID)): [1, 2],
+        series_uid_for(uid, "tid1500-sr", str(late.SOPInstanceUID)): [2],
+    }
     cads = sorted(
         study_srs(worker.store, worker.database, first.StudyInstanceUID)[CAD_SR],
         key=lambda d: int(d.InstanceNumber),

@@ -3,7 +3,11 @@
 The mask has the received image's Rows × Columns (row index = y, column index = x,
 the same pixel grid as the detections; see :meth:`ImageDetections.full_mask`). A
 mammogram has no frame of reference, so the SEG is a single frame without plane
-positions, tied to its source image by the Source Image / Derivation references.
+positions, tied to its source image by the Source Image / Derivation references. It
+carries a Plane Orientation (shared functional group), which OHIF needs to place it:
+the source's ImageOrientationPatient, or ``[1, 0, 0, 0, 1, 0]`` (the image's own pixel
+axes) for the usual MG image without one. One SEG per image, each in its own series
+(OHIF offers only the last SEG of a series).
 
 No findings, no SEG: :func:`build_seg` returns None when the union mask is empty.
 highdicom drops empty frames and a SEG without frames tells a viewer nothing that
@@ -21,7 +25,6 @@ from pydicom.sr.codedict import codes
 
 from cascade.inference.detector import ImageDetections
 from node.reports.common import (
-    SERIES_DESCRIPTIONS,
     SERIES_NUMBERS,
     Provenance,
     add_provenance,
@@ -30,8 +33,9 @@ from node.reports.common import (
     resolve_instance,
     validate_pair,
 )
+from node.reports.tid1500 import series_description
 
-__all__ = ["SEGMENT_LABEL", "build_seg"]
+__all__ = ["IDENTITY_ORIENTATION", "SEGMENT_LABEL", "build_seg", "image_orientation"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,26 @@ _BREAST_REGION = {
     "B": hd.sr.CodedConcept("63762007", "SCT", "Both breasts"),
     "": hd.sr.CodedConcept("76752008", "SCT", "Breast"),
 }
+
+
+#: ImageOrientationPatient of the SEG of an image that has none: the image's own pixel
+#: axes, which is what OHIF / Cornerstone assume for such an image.
+IDENTITY_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def image_orientation(source: Dataset) -> list[float]:
+    """The ImageOrientationPatient a SEG of ``source`` carries (see ``docs/conformance.md``).
+
+    The source's own ImageOrientationPatient when it has one, else
+    :data:`IDENTITY_ORIENTATION`. Not one derived from PatientOrientation: OHIF compares
+    the SEG's orientation with the one it assumes for the image ([1, 0, 0, 0, 1, 0] when
+    the image has none) and transposes or flips the mask to match, or refuses it as
+    oblique (MLO), so a derived orientation misplaces the overlay.
+    """
+    iop = getattr(source, "ImageOrientationPatient", None)
+    if iop is not None and len(iop) == 6:
+        return [float(v) for v in iop]
+    return list(IDENTITY_ORIENTATION)
 
 
 def build_seg(
@@ -132,13 +156,18 @@ def build_seg(
         manufacturer_model_name=provenance.model_name,
         software_versions=provenance.software_versions,
         device_serial_number=provenance.device_serial_number,
-        series_description=SERIES_DESCRIPTIONS["seg"],
+        series_description=series_description("seg", source),
         content_label="CALCNODE",
         content_description="calcnode microcalcifications"[:64],
         **kwargs,
     )
     # highdicom copies neither PatientOrientation (Type 2C) nor laterality.
     seg.PatientOrientation = list(getattr(source, "PatientOrientation", None) or [])
+    # OHIF places a SEG frame by its Plane Orientation; without one it stops with
+    # "Cannot read properties of undefined (reading 'ImageOrientationPatient')".
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = image_orientation(source)
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
     add_provenance(seg, provenance)
     logger.info(
         "SEG %s for image %s: %d detections, %d mask pixels",
