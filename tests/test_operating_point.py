@@ -740,7 +740,7 @@ def model_dir(tmp_path: Path) -> Path:
 def _settings(root: Path, model_dir: Path, **model: Any) -> Settings:
     model = {"operating_point": "calibrated", **model}
     s = make_settings(root / "node", model_path=model_dir / "asn.pt")
-    return replace(s, model=replace(s.model, **model))
+    return s.model_copy(update={"model": s.model.model_copy(update=model)})
 
 
 def test_all_candidates_setting_reports_every_candidate(tmp_path: Path, model_dir: Path) -> None:

@@ -280,10 +280,9 @@ def test_retention_purges_reported_studies_older_than_retention_days(tmp_path: P
 
 
 def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
-    from dataclasses import replace
-
     settings = make_settings(tmp_path, quiet_seconds=0.0)
-    settings = replace(settings, storage=replace(settings.storage, retention_days=0))
+    storage = settings.storage.model_copy(update={"retention_days": 0})
+    settings = settings.model_copy(update={"storage": storage})
     worker = make_worker(settings, FakeDetector())
     receive(worker.database, worker.store, make_mg_dataset())
     worker.run_once()
