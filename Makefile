@@ -3,7 +3,8 @@
 # Both create .venv when missing and install what they need: torch (the local CPU
 # build torch==2.13.0 when no torch is importable; a CUDA torch already in the venv
 # is kept), the project with its dev extras, and — when running as root — the Debian
-# packages the tests use (dcmtk, dicom3tools, orthanc, libpixelmed-java).
+# packages the tests use (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, libpixelmed-java,
+# chromium). `make test` also unpacks the pinned OHIF viewer into .cache/ (`make ohif`).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,12 +12,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc libpixelmed-java
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java chromium
+# The OHIF viewer of the browser test (tests/test_ohif.py): the prebuilt @ohif/app from the
+# npm registry, pinned (3.13 cannot render mammograms with VOILUTFunction LINEAR).
+OHIF_VERSION ?= 3.12.10
+OHIF_CACHE := .cache/ohif-$(OHIF_VERSION)
 STAMP := $(VENV)/.calcnode-installed
 # The suite runs on every core (pytest-xdist); PYTEST_ARGS="-n 0" runs it serially.
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: help setup system-deps test demo lint typecheck bench weights clean
+.PHONY: help setup system-deps ohif test demo lint typecheck bench weights clean
 
 help:
 	@echo "make demo   - set up, then run the node end to end on phantom studies"
@@ -48,6 +53,8 @@ system-deps:
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	test -f /usr/share/java/pixelmed.jar || missing="$$missing libpixelmed-java"; \
+	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = "0" ]; then \
 			echo "installing Debian packages:$$missing"; \
@@ -57,7 +64,28 @@ system-deps:
 		fi; \
 	fi
 
-test: setup system-deps
+# The pinned OHIF's built dist/ (about 40 MB once the source maps, the onnxruntime
+# models and the microscopy viewer, which the test never loads, are removed). Without npm,
+# or when the registry cannot be reached, the browser test is skipped with that reason.
+ohif: $(OHIF_CACHE)/dist/index.html
+
+$(OHIF_CACHE)/dist/index.html:
+	@if ! command -v npm >/dev/null; then \
+		echo "npm not found: OHIF not unpacked (tests/test_ohif.py will be skipped)"; exit 0; \
+	fi; \
+	rm -rf $(OHIF_CACHE) && mkdir -p $(OHIF_CACHE) && \
+	if (cd $(OHIF_CACHE) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null); then \
+		tar -xzf $(OHIF_CACHE)/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_CACHE) \
+			--strip-components=1 package/dist && \
+		rm -rf $(OHIF_CACHE)/dist/ort $(OHIF_CACHE)/dist/dicom-microscopy-viewer && \
+		find $(OHIF_CACHE)/dist -name '*.map' -delete && \
+		rm -f $(OHIF_CACHE)/ohif-app-$(OHIF_VERSION).tgz; \
+	else \
+		echo "npm pack @ohif/app@$(OHIF_VERSION) failed (tests/test_ohif.py will be skipped)"; \
+		rm -rf $(OHIF_CACHE); \
+	fi
+
+test: setup system-deps ohif
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup system-deps
@@ -106,4 +134,4 @@ weights: setup
 		--manifest $(DATA)/val/manifest.jsonl --target-fp $(TARGET_FP) --quiet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out .cache/ohif-*

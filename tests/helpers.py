@@ -413,3 +413,29 @@ class OrthancServer:
 
     def upload(self, path: Path) -> dict[str, Any]:
         return dict(self.post("/instances", path.read_bytes()))
+
+
+#: Orthanc's DICOMweb plugin (Debian ``orthanc-dicomweb``).
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class OrthancWebServer(OrthancServer):
+    """:class:`OrthancServer` with the DICOMweb plugin (QIDO-RS, WADO-RS under ``/dicom-web``).
+
+    The DicomWeb section leaves out ``"Host"``: Debian's default file sets it to
+    ``"localhost"``, which puts a port-less host into every BulkDataURI.
+    """
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        config = json.loads(path.read_text())
+        config["Plugins"] = [str(ORTHANC_DICOMWEB)]
+        config["DicomWeb"] = {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "WadoRoot": "/wado",
+            "Ssl": False,
+        }
+        path.write_text(json.dumps(config, indent=2))
+        return path
