@@ -97,6 +97,7 @@ def serve(
     """
     from node.scheduler import NodeScheduler
     from node.scp import StorageSCP
+    from node.server import ServerLimits
 
     if not isinstance(settings, Settings):
         raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
@@ -129,7 +130,20 @@ def serve(
     store.purge_stale_temp_files(older_than_seconds=0, live_writers_kept=True)
     pool = WorkerPool(settings, count, device=None, detector_factory=detector_factory)
     scheduler = NodeScheduler(database, store, settings)
-    scp = StorageSCP(settings=settings, store=store, database=database, port=port)
+    node, mib = settings.node, 1024 * 1024
+    limits = ServerLimits(
+        handshake_timeout_seconds=node.handshake_timeout_seconds,
+        associations_per_host=node.associations_per_host,
+        max_dataset_bytes=node.max_instance_mb * mib,
+    )
+    scp = StorageSCP(
+        settings=settings,
+        store=store,
+        database=database,
+        port=port,
+        limits=limits,
+        max_inflated_bytes=node.max_inflated_mb * mib,
+    )
     try:
         pool.start()
         scheduler.start()
