@@ -187,8 +187,9 @@ def run_cascade(
     """
     device = det.device
     with timer("asn"):
+        # The detector's own proposal network (ONNX Runtime or torch, as it runs).
         rmap = residual_map(
-            det.asn,
+            det.asn_net,
             pre.image,
             kind=det.map_kind,
             residual=det.residual,
@@ -200,7 +201,7 @@ def run_cascade(
         if cands and det.fpr is not None:
             crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
             probs = score_crops(
-                det.fpr,
+                det.fpr_net or det.fpr,
                 crops,
                 input_size=det.fpr_input_size,
                 batch_size=det.fpr_batch_size,

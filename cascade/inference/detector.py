@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -23,14 +24,37 @@ from cascade.data.preprocess import GridTransform, preprocess_mammogram
 from cascade.device import resolve_device
 from cascade.errors import CheckpointError
 from cascade.evaluation.operating_point import OperatingPoint
-from cascade.inference.fpr import extract_crops, score_crops
-from cascade.inference.proposals import Candidate, ProposalConfig, candidates_xy, propose_image
+from cascade.inference.fpr import extract_crops
+from cascade.inference.proposals import (
+    Candidate,
+    ProposalConfig,
+    candidates_xy,
+    propose,
+    residual_map,
+)
+from cascade.inference.runtime import (
+    CropScorer,
+    MapNet,
+    OnnxCropScorer,
+    OnnxMapNet,
+    TorchCropScorer,
+    TorchMapNet,
+    select_backend,
+)
 from cascade.inference.weights import ModelIdentity, ModelWeights
 from cascade.models.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Detection", "Detector", "ImageDetections"]
+__all__ = ["DETECTOR_BACKENDS", "STAGES", "Detection", "Detector", "ImageDetections"]
+
+#: What ``Detector(backend=...)`` accepts: the runtimes of :mod:`cascade.inference.runtime`
+#: and ``"reference"``, the previous implementation kept for parity
+#: (:mod:`cascade.inference.reference`).
+DETECTOR_BACKENDS = ("auto", "torch", "onnx", "reference")
+#: The stages :meth:`Detector.detect` times when asked (``timings=``), in order.
+STAGES = ("decode", "preprocess", "proposal_net", "candidates", "fpr", "detections")
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -187,6 +211,15 @@ class Detector:
     operating_point : OperatingPoint or None
         Which detections :meth:`detect` returns; None = every candidate, scored
         (what FROC evaluation needs).
+    backend : {"auto", "torch", "onnx", "reference"}
+        Where the networks run (:mod:`cascade.inference.runtime`): "auto" = ONNX
+        Runtime on a CPU device where it is installed, else torch; "reference" = the
+        previous implementation end to end (torch, square tiles over the breast's
+        bounding box, whole-image candidate filters), kept for parity and for
+        ``bench/speed.py``'s ratio.
+    threads : int or None
+        ONNX Runtime intra-op threads; None = ``torch.get_num_threads()`` (the
+        worker's ``torch_threads``).
     """
 
     def __init__(
@@ -198,6 +231,8 @@ class Detector:
         proposal: ProposalConfig | None = None,
         fpr_batch_size: int = 256,
         operating_point: OperatingPoint | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
         self._load(
             ModelWeights.at(asn_checkpoint, fpr_checkpoint),
@@ -205,6 +240,8 @@ class Detector:
             proposal=proposal,
             fpr_batch_size=fpr_batch_size,
             operating_point=operating_point,
+            backend=backend,
+            threads=threads,
         )
 
     @classmethod
@@ -216,6 +253,8 @@ class Detector:
         proposal: ProposalConfig | None = None,
         fpr_batch_size: int = 256,
         operating_point: OperatingPoint | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> Detector:
         """The detector of already located (and hashed) :class:`ModelWeights`."""
         self = cls.__new__(cls)
@@ -225,6 +264,8 @@ class Detector:
             proposal=proposal,
             fpr_batch_size=fpr_batch_size,
             operating_point=operating_point,
+            backend=backend,
+            threads=threads,
         )
         return self
 
@@ -236,6 +277,8 @@ class Detector:
         proposal: ProposalConfig | None,
         fpr_batch_size: int,
         operating_point: OperatingPoint | None,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
         if operating_point is not None and not isinstance(operating_point, OperatingPoint):
             raise TypeError(
@@ -264,6 +307,40 @@ class Detector:
             self.fpr_input_size = int(fpr.meta.get("model_config", {}).get("input_size", 56))
         self.fpr_batch_size = fpr_batch_size
         self.operating_point = operating_point
+        if backend not in DETECTOR_BACKENDS:
+            raise ValueError(f"backend must be one of {list(DETECTOR_BACKENDS)}, got {backend!r}")
+        self.reference = backend == "reference"
+        self.backend = "torch" if self.reference else select_backend(backend, self.device)
+        self.asn_net: MapNet
+        self.fpr_net: CropScorer | None = None
+        if self.backend == "onnx":
+            self.asn_net = OnnxMapNet(
+                self.asn, kind=self.map_kind, residual=self.residual, threads=threads
+            )
+            if self.fpr is not None:
+                self.fpr_net = OnnxCropScorer(
+                    self.fpr,
+                    input_size=self.fpr_input_size,
+                    batch_size=fpr_batch_size,
+                    threads=threads,
+                )
+        else:
+            self.asn_net = TorchMapNet(
+                self.asn, kind=self.map_kind, residual=self.residual, device=self.device
+            )
+            if self.fpr is not None:
+                self.fpr_net = TorchCropScorer(
+                    self.fpr,
+                    input_size=self.fpr_input_size,
+                    batch_size=fpr_batch_size,
+                    device=self.device,
+                )
+        logger.debug("detector on %s, backend %s", self.device, self.label)
+
+    @property
+    def label(self) -> str:
+        """``"onnx"``, ``"torch"`` or ``"reference"``: what :meth:`detect` runs."""
+        return "reference" if self.reference else self.backend
 
     @classmethod
     def bundled(cls, *, device: str = "auto", calibrated: bool = True, **kwargs: Any) -> Detector:
@@ -305,31 +382,70 @@ class Detector:
 
     @torch.no_grad()
     def detect(
-        self, source: str | os.PathLike[str] | pydicom.Dataset | BinaryIO, *, path: str = ""
+        self,
+        source: str | os.PathLike[str] | pydicom.Dataset | BinaryIO,
+        *,
+        path: str = "",
+        timings: dict[str, tuple[float, float]] | None = None,
     ) -> ImageDetections:
-        """Detect µCs in one mammogram; coordinates in the received grid."""
+        """Detect µCs in one mammogram; coordinates in the received grid.
+
+        Parameters
+        ----------
+        source : path, pydicom.Dataset or binary file
+            The mammogram.
+        path : str
+            Recorded in the result (default: ``source`` when it is a path).
+        timings : dict or None
+            When given, filled with ``stage → (wall seconds, CPU seconds of this
+            process)`` for each of :data:`STAGES`.
+        """
+        clock = _Clock(timings, self.device)
         mammo = read_mammogram(source)
+        clock("decode")
         meta = mammo.metadata
         pre = preprocess_mammogram(mammo, target_spacing_mm=self.spacing_mm)
-        _, cands = propose_image(
-            self.asn,
-            pre,
-            kind=self.map_kind,
-            residual=self.residual,
-            config=self.proposal,
-            device=self.device,
-        )
-        if self.fpr is not None and cands:
-            crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
-            probs = score_crops(
-                self.fpr,
-                crops,
-                input_size=self.fpr_input_size,
-                batch_size=self.fpr_batch_size,
+        clock("preprocess")
+        if self.reference:
+            from cascade.inference.reference import (
+                propose_reference,
+                residual_map_reference,
+                score_crops_reference,
+            )
+
+            rmap = residual_map_reference(
+                self.asn,
+                pre.image,
+                kind=self.map_kind,
+                residual=self.residual,
+                mask=pre.breast_mask,
                 device=self.device,
             )
+            clock("proposal_net")
+            cands = propose_reference(rmap, pre.transform, config=self.proposal)
+            clock("candidates")
+            if self.fpr is not None and cands:
+                crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
+                probs = score_crops_reference(
+                    self.fpr,
+                    crops,
+                    input_size=self.fpr_input_size,
+                    batch_size=self.fpr_batch_size,
+                    device=self.device,
+                )
+            else:
+                probs = np.ones(len(cands))
         else:
-            probs = np.ones(len(cands))
+            rmap = residual_map(self.asn_net, pre.image, mask=pre.breast_mask)
+            clock("proposal_net")
+            cands = propose(rmap, pre.transform, config=self.proposal)
+            clock("candidates")
+            if self.fpr_net is not None and cands:
+                crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
+                probs = self.fpr_net(crops)
+            else:
+                probs = np.ones(len(cands))
+        clock("fpr")
         probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         scores = np.array([c.asn_score for c in cands], dtype=np.float64) * probs
         fpr_scores = np.clip(probs, 0.0, 1.0)
@@ -353,7 +469,7 @@ class Detector:
             )
         if path == "" and isinstance(source, (str, os.PathLike)):
             path = str(source)
-        return ImageDetections(
+        result = ImageDetections(
             sop_instance_uid=meta.sop_instance_uid,
             path=path,
             rows=meta.rows,
@@ -361,10 +477,31 @@ class Detector:
             pixel_spacing_mm=meta.pixel_spacing_mm,
             detections=tuple(dets),
         )
+        clock("detections")
+        return result
 
     def detect_many(self, sources: Sequence[str | os.PathLike[str]]) -> list[ImageDetections]:
         """:meth:`detect` on several files."""
         return [self.detect(s) for s in sources]
+
+
+class _Clock:
+    """Wall and process CPU seconds since the previous stage, into ``timings``."""
+
+    def __init__(
+        self, timings: dict[str, tuple[float, float]] | None, device: torch.device
+    ) -> None:
+        self.timings, self.device = timings, device
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def __call__(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.timings[stage] = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
 
 
 def _mask_to_source(

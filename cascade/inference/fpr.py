@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cascade.inference.runtime import CropScorer, TorchCropScorer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CROP_SIZE", "CropSet", "extract_crops", "prepare_batch", "score_crops"]
@@ -84,9 +86,8 @@ def prepare_batch(
     return x
 
 
-@torch.no_grad()
 def score_crops(
-    model: torch.nn.Module,
+    model: torch.nn.Module | CropScorer,
     crops: np.ndarray,
     *,
     input_size: int,
@@ -95,6 +96,21 @@ def score_crops(
 ) -> np.ndarray:
     """FPR probabilities (sigmoid of the logit) for ``(N, S, S)`` crops, in batches.
 
+    Parameters
+    ----------
+    model : torch.nn.Module or CropScorer
+        The FPR network as a torch module (run in eval mode, inference mode, then put
+        back in its mode), or a crop scorer of :mod:`cascade.inference.runtime` (ONNX
+        Runtime or torch; ``input_size``, ``batch_size`` and ``device`` are then its own).
+    crops : numpy.ndarray
+        float32 ``(N, S, S)``.
+    input_size : int
+        The network's input side (crops are resized to it bilinearly when they differ).
+    batch_size : int
+        Crops per forward pass.
+    device : torch.device or str
+        Where a torch module runs.
+
     Returns
     -------
     numpy.ndarray
@@ -102,18 +118,15 @@ def score_crops(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if not isinstance(model, torch.nn.Module):
+        return np.asarray(model(crops), dtype=np.float64).reshape(-1)
     was_training = model.training
     model.eval()
-    probs = []
     try:
-        for start in range(0, len(crops), batch_size):
-            x = prepare_batch(
-                crops[start : start + batch_size], input_size=input_size, device=device
-            )
-            probs.append(torch.sigmoid(model(x).reshape(-1)).double().cpu().numpy())
+        scorer = TorchCropScorer(model, input_size=input_size, batch_size=batch_size, device=device)
+        return scorer(crops)
     finally:
         model.train(was_training)
-    return np.concatenate(probs) if probs else np.zeros((0,), np.float64)
 
 
 @dataclass(frozen=True)

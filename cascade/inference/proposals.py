@@ -29,12 +29,17 @@ from skimage.measure import label, regionprops
 from skimage.segmentation import watershed
 
 from cascade.data.preprocess import GridTransform, PreprocessedImage
+from cascade.inference.runtime import MapNet, TorchMapNet
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_OVERLAP",
+    "DEFAULT_TILE",
     "Candidate",
     "ProposalConfig",
+    "Tile",
+    "plan_tiles",
     "propose",
     "residual_map",
 ]
@@ -120,25 +125,133 @@ def _pad_to(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-@torch.no_grad()
+#: Context each tile of :func:`residual_map` reads beyond the part it keeps, per side
+#: (working-grid pixels). The bundled U-Net (3 poolings, 3 convs per stage) gives maps
+#: within 5e-6 of a whole-image pass with 64 px, 4e-3 with 48 and flips pixels across
+#: the 0.1 threshold with 32 (measured on a full-field phantom, bench/README.md).
+DEFAULT_OVERLAP = 64
+#: Largest input window of :func:`residual_map`, (rows, columns): row strips as wide as
+#: the breast up to 2048 px, so the overlap is paid on few edges while one window's
+#: activations stay bounded (1.6 Mpx: about 100 MB per 16-channel float32 feature map).
+DEFAULT_TILE = (768, 2048)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of :func:`residual_map`: what the network reads and what is kept.
+
+    Attributes
+    ----------
+    core : (int, int, int, int)
+        ``(row0, col0, row1, col1)`` of the kept part (ends exclusive), working grid.
+    window : (int, int, int, int)
+        ``(row0, col0, row1, col1)`` of the input: the core plus the overlap on each
+        side, clipped to the image.
+    """
+
+    core: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+
+
+def _tile_shape(tile: int | tuple[int, int], overlap: int) -> tuple[int, int]:
+    if overlap % 8 or overlap < 0:
+        raise ValueError(f"overlap must be a non-negative multiple of 8, got {overlap}")
+    rows, cols = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    for side in (rows, cols):
+        if side % 8 or side <= 2 * overlap:
+            raise ValueError(
+                f"tile must be a multiple of 8 larger than 2·overlap (overlap {overlap}), "
+                f"got {tile}"
+            )
+    return rows, cols
+
+
+def plan_tiles(
+    shape: tuple[int, int],
+    mask: np.ndarray | None = None,
+    *,
+    tile: int | tuple[int, int] = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> list[Tile]:
+    """Windows that cover every mask pixel (every pixel without a mask), breast only.
+
+    Row strips of ``tile[0] − 2·overlap`` kept rows, each cut to the columns where the
+    mask has pixels in those rows and split into at most ``tile[1] − 2·overlap`` wide
+    pieces; strips and pieces start on multiples of 8 from the image origin (the
+    U-Net's pooling grid), so a pixel's value does not depend on where the breast
+    starts. Rows and columns without breast cost nothing.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        (rows, columns) of the working-grid image.
+    mask : numpy.ndarray or None
+        bool ``shape``: the pixels whose map is needed.
+    tile : int or (int, int)
+        Largest input window (rows, columns); multiples of 8 larger than ``2·overlap``.
+    overlap : int
+        Context per side, a multiple of 8.
+
+    Returns
+    -------
+    list of Tile
+        In raster order of their cores; cores are disjoint.
+    """
+    tile_rows, tile_cols = _tile_shape(tile, overlap)
+    h, w = shape
+    mask_rows = np.ones(h, bool) if mask is None else mask.any(axis=1)
+    rows = np.flatnonzero(mask_rows)
+    if not len(rows):
+        return []
+    core_h, core_w = tile_rows - 2 * overlap, tile_cols - 2 * overlap
+    r_first, r_end = int(rows[0]) - int(rows[0]) % 8, int(rows[-1]) + 1
+    tiles: list[Tile] = []
+    for tr in range(r_first, r_end, core_h):
+        te = min(tr + core_h, r_end)
+        if mask is None:
+            c_first, c_end = 0, w
+        else:
+            cols = np.flatnonzero(mask[tr:te].any(axis=0))
+            if not len(cols):
+                continue
+            c_first, c_end = int(cols[0]) - int(cols[0]) % 8, int(cols[-1]) + 1
+        pieces = math.ceil((c_end - c_first) / core_w)
+        piece_w = _pad_to(math.ceil((c_end - c_first) / pieces), 8)
+        for tc in range(c_first, c_end, piece_w):
+            ce = min(tc + piece_w, c_end)
+            window = (max(tr - overlap, 0), max(tc - overlap, 0), min(te + overlap, h))
+            tiles.append(Tile((tr, tc, te, ce), (*window, min(ce + overlap, w))))
+    return tiles
+
+
+def _as_map_net(
+    model: torch.nn.Module | MapNet, kind: str, residual: str, device: str | torch.device
+) -> MapNet:
+    if isinstance(model, torch.nn.Module):
+        return TorchMapNet(model, kind=kind, residual=residual, device=device)
+    return model
+
+
 def residual_map(
-    model: torch.nn.Module,
+    model: torch.nn.Module | MapNet,
     image: np.ndarray,
     *,
     kind: MapKind = "residual",
     residual: str = "l1",
     mask: np.ndarray | None = None,
-    tile: int = 768,
-    overlap: int = 64,
+    tile: int | tuple[int, int] = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Run a U-Net over a whole image, tile by tile, and return its anomaly map.
+    """Run a U-Net over the breast of an image, window by window, and return its map.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        ASN (sigmoid reconstruction, ``kind="residual"``) or the cross-entropy
-        U-Net (two logits, ``kind="segmentation"``).
+    model : torch.nn.Module or MapNet
+        ASN (sigmoid reconstruction, ``kind="residual"``) or the cross-entropy U-Net
+        (two logits, ``kind="segmentation"``) as a torch module, or a map net of
+        :mod:`cascade.inference.runtime` (ONNX Runtime or torch) that already
+        computes the map (``kind``, ``residual`` and ``device`` are then its own).
     image : numpy.ndarray
         float32 ``(H, W)`` working-grid image in [0, 1].
     kind : {"residual", "segmentation"}
@@ -147,15 +260,16 @@ def residual_map(
     residual : {"l1", "l2", "smooth_l1"}
         The residual used in training.
     mask : numpy.ndarray or None
-        bool ``(H, W)`` breast mask: only its bounding box is computed and the
-        map is zero outside it.
-    tile, overlap : int
-        Tiles of ``tile`` pixels (multiple of 8) overlapping by ``overlap`` on
-        each side keep memory bounded on full-field images; only each tile's
-        centre is kept, so the result equals a whole-image pass away from the
-        receptive-field border.
+        bool ``(H, W)`` breast mask: only windows over it are computed (row strips
+        cut to the breast, :func:`plan_tiles`) and the map is zero outside it.
+    tile : int or (int, int)
+        Largest input window, (rows, columns) or one side for both; multiples of 8.
+    overlap : int
+        Context read beyond the kept part on each side (multiple of 8); only each
+        window's core is kept, so the result equals a whole-image pass away from the
+        receptive-field border (:data:`DEFAULT_OVERLAP`).
     device : str or torch.device
-        Where to run the model.
+        Where a torch module runs.
 
     Returns
     -------
@@ -164,136 +278,74 @@ def residual_map(
     """
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
-    if tile % 8 or tile <= 2 * overlap:
-        raise ValueError(f"tile must be a multiple of 8 larger than 2·overlap, got {tile}")
-    if overlap % 8 or overlap < 0:
-        raise ValueError(f"overlap must be a non-negative multiple of 8, got {overlap}")
+    _tile_shape(tile, overlap)
     h, w = image.shape
     out = np.zeros((h, w), np.float32)
-    if mask is not None:
-        if mask.shape != image.shape:
-            raise ValueError("mask and image shapes differ")
-        if not mask.any():
-            return out
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    else:
-        r0, r1, c0, c1 = 0, h, 0, w
-    # Keep every tile on the U-Net's pooling grid (multiples of 8 from the image origin),
-    # so the map does not depend on where the breast's bounding box starts.
-    r0, c0 = r0 - r0 % 8, c0 - c0 % 8
-    was_training = model.training
-    model.eval()
-    step = tile - 2 * overlap
+    if mask is not None and mask.shape != image.shape:
+        raise ValueError("mask and image shapes differ")
+    tiles = plan_tiles((h, w), mask, tile=tile, overlap=overlap)
+    if not tiles:
+        return out
+    net = _as_map_net(model, kind, residual, device)
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    image = np.asarray(image, dtype=np.float32)
     try:
-        for tr in range(r0, r1, step):
-            for tc in range(c0, c1, step):
-                # Input window: the kept core [tr, tr+step) plus `overlap` context each side.
-                ir0, ic0 = max(tr - overlap, 0), max(tc - overlap, 0)
-                ir1, ic1 = min(tr + step + overlap, h), min(tc + step + overlap, w)
-                patch = image[ir0:ir1, ic0:ic1]
-                ph, pw = patch.shape
-                padded = np.zeros((_pad_to(ph, 8), _pad_to(pw, 8)), np.float32)
-                padded[:ph, :pw] = patch
-                x = torch.from_numpy(padded)[None, None].to(device)
-                y = model(x)
-                if kind == "segmentation":
-                    m = torch.softmax(y, dim=1)[:, 1:2]
-                else:
-                    diff = y - x
-                    if residual == "l2":
-                        m = diff**2
-                    elif residual == "smooth_l1":
-                        a = diff.abs()
-                        m = torch.where(a < 1.0, 0.5 * a**2, a - 0.5)
-                    else:
-                        m = diff.abs()
-                m_np = m[0, 0, :ph, :pw].float().cpu().numpy()
-                kr0, kc0 = tr, tc
-                kr1, kc1 = min(tr + step, r1), min(tc + step, c1)
-                out[kr0:kr1, kc0:kc1] = m_np[kr0 - ir0 : kr1 - ir0, kc0 - ic0 : kc1 - ic0]
+        for t in tiles:
+            ir0, ic0, ir1, ic1 = t.window
+            ph, pw = ir1 - ir0, ic1 - ic0
+            padded = np.zeros((_pad_to(ph, 8), _pad_to(pw, 8)), np.float32)
+            padded[:ph, :pw] = image[ir0:ir1, ic0:ic1]
+            m = net(padded)
+            kr0, kc0, kr1, kc1 = t.core
+            out[kr0:kr1, kc0:kc1] = m[kr0 - ir0 : kr1 - ir0, kc0 - ic0 : kc1 - ic0]
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     if mask is not None:
         out[~mask] = 0.0
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 #: Components with more maxima than this skip the plateau merge (cost bound).
 MAX_PLATEAU_PEAKS = 32
 #: Above this many raw local maxima (and 5 % of the pixels above threshold: flat
-#: plateaus) a map is degenerate (see :func:`_components`).
+#: plateaus) a map is degenerate (see :func:`propose`).
 MAX_RAW_PEAKS = 5000
+#: Margin around a component within which its maxima rule reads the map: the
+#: Gaussian (σ 1, radius 4) and the maximum filter (radius ``min_peak_distance_px``).
+_GAUSS_RADIUS = 4
+
+_EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def _components(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray:
-    """Label image of candidate regions under the configured rule."""
-    binary = rmap > config.threshold
-    labels = label(binary, connectivity=2)
-    if config.split == "component" or labels.max() == 0:
-        return labels
-    smooth = ndimage.gaussian_filter(rmap, 1.0)
-    size = 2 * config.min_peak_distance_px + 1
-    raw = (smooth == ndimage.maximum_filter(smooth, size=size, mode="nearest")) & binary
-    n_raw = np.count_nonzero(raw)
-    if n_raw > MAX_RAW_PEAKS and n_raw > 0.05 * np.count_nonzero(binary):
-        # A degenerate map (an untrained network: most of the breast above threshold)
-        # has so many flat maxima that scikit-image's spacing pass takes minutes. Keep
-        # one peak per connected patch of maxima instead: bounded, and never reached by
-        # a trained model's map.
-        patches = label(raw, connectivity=2)
-        best = ndimage.maximum_position(smooth, patches, np.arange(1, patches.max() + 1))
-        peaks = np.asarray(best, dtype=np.int64).reshape(-1, 2)
-        logger.warning(
-            "residual map with %d local maxima above threshold: peaks taken per patch",
-            int(n_raw),
-        )
-    else:
-        peaks = peak_local_max(
-            smooth,
-            min_distance=config.min_peak_distance_px,
-            threshold_abs=config.threshold,
-            labels=labels,
-            exclude_border=False,
-        )
-    # Peaks joined by pixels within 1e-3 of their height are one plateau: one marker.
-    # Worked out per component, inside its bounding box (whole-image masks per peak
-    # cost seconds on a noisy map).
-    if len(peaks):
-        keep: list[np.ndarray] = []
-        slices = ndimage.find_objects(labels)
-        peak_labels = labels[tuple(peaks.T)]
-        for lab in np.unique(peak_labels):
-            sl = slices[lab - 1]
-            own = peaks[peak_labels == lab]
-            if len(own) == 1 or len(own) > MAX_PLATEAU_PEAKS:
-                # A component with very many maxima is not a plateau problem (and the
-                # pairwise check would cost peaks × area): keep its peaks as they are.
-                keep.append(own)
-                continue
-            region = labels[sl] == lab
-            sm = smooth[sl]
-            local = own - np.array([sl[0].start, sl[1].start])
-            top = np.zeros_like(region)
-            for r, c in local:
-                top |= (sm >= sm[r, c] - 1e-3) & region
-            top_lab = label(top, connectivity=2)
-            ids = top_lab[tuple(local.T)]
-            first = [int(np.flatnonzero(ids == i)[0]) for i in np.unique(ids)]
-            keep.append(own[first])
-        peaks = np.concatenate(keep)
-    markers = np.zeros_like(labels)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # Components without a peak (flat plateaus) keep one marker at their maximum.
-    missing = np.setdiff1d(np.unique(labels[labels > 0]), np.unique(labels[markers > 0]))
-    # One pass over the image for all of them: a noisy map (an untrained network) has
-    # thousands of such components, and a whole-image mask per component took minutes.
-    if len(missing):
-        best = ndimage.maximum_position(smooth, labels=labels, index=missing)
-        rows, cols = np.asarray(best, dtype=np.int64).reshape(-1, 2).T
-        markers[rows, cols] = np.arange(len(peaks) + 1, len(peaks) + 1 + len(missing))
-    return watershed(-smooth, markers, mask=binary)
+@dataclass
+class _Region:
+    """One candidate region found in a component's window (working grid)."""
+
+    key: tuple[int, int]
+    score: float
+    area: int
+    bbox: tuple[int, int, int, int]
+    centroid_rc: tuple[float, float]
+    image: np.ndarray
+
+
+def _merge_plateaus(own: np.ndarray, sm: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Peaks of one component joined by pixels within 1e-3 of their height: one each."""
+    if len(own) == 1 or len(own) > MAX_PLATEAU_PEAKS:
+        # A component with very many maxima is not a plateau problem (and the pairwise
+        # check would cost peaks × area): keep its peaks as they are.
+        return own
+    top = np.zeros_like(region)
+    for r, c in own:
+        top |= (sm >= sm[r, c] - 1e-3) & region
+    top_lab = label(top, connectivity=2)
+    ids = top_lab[tuple(own.T)]
+    first = [int(np.flatnonzero(ids == i)[0]) for i in np.unique(ids)]
+    return own[first]
 
 
 def propose(
@@ -303,6 +355,17 @@ def propose(
     config: ProposalConfig | None = None,
 ) -> list[Candidate]:
     """Turn an anomaly map into candidates, highest ASN score first.
+
+    Components of ``rmap > threshold`` (8-connected); with ``split="maxima"`` each is
+    split at the local maxima of the Gaussian-smoothed map (σ = 1 px, maxima at least
+    ``min_peak_distance_px`` apart, plateaus within 1e-3 merged; a component without a
+    maximum keeps one marker at its highest pixel) by a watershed inside it. Every
+    step reads the map only within a few pixels of a component, so each component is
+    worked out in its own window: the result equals the whole-image computation
+    (:func:`cascade.inference.reference.propose_reference`, tested) at a fraction of
+    its cost. A degenerate map (an untrained network: more than
+    :data:`MAX_RAW_PEAKS` raw maxima, over 5 % of the pixels above threshold) takes
+    one peak per patch of maxima instead, through the whole-image path.
 
     Parameters
     ----------
@@ -319,37 +382,123 @@ def propose(
             f"residual map shape {rmap.shape} differs from the transform's work grid "
             f"{tuple(transform.work_shape)}"
         )
-    labels = _components(rmap, config)
-    regions = [r for r in regionprops(labels, intensity_image=rmap) if r.area >= config.min_area_px]
+    binary = rmap > config.threshold
+    if not binary.any():
+        return []
+    # ndimage's 8-connected labelling numbers components in raster order, as
+    # skimage.measure.label does (the reference), at a tenth of its cost.
+    labels, _n_labels = ndimage.label(binary, structure=_EIGHT)
+    slices = ndimage.find_objects(labels)
+    maxima = config.split == "maxima"
+    margin = _GAUSS_RADIUS + config.min_peak_distance_px if maxima else 0
+    size = 2 * config.min_peak_distance_px + 1
+    h, w = rmap.shape
+    n_raw = 0
+    n_binary = 0
+    work: list[tuple[int, tuple[slice, slice], np.ndarray, np.ndarray | None]] = []
+    for k, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        win = (
+            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h)),
+            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w)),
+        )
+        comp = labels[win] == k
+        area = int(np.count_nonzero(comp))
+        n_binary += area
+        sm_w = None
+        if maxima:
+            # Within the window the filters see exactly the values the whole-image
+            # filters see at the component's pixels (margin ≥ both radii; at the
+            # image edge the window edge is the image edge).
+            sm_w = ndimage.gaussian_filter(rmap[win], 1.0)
+            mx = ndimage.maximum_filter(sm_w, size=size, mode="nearest")
+            n_raw += int(np.count_nonzero((sm_w == mx) & comp))
+        if area >= config.min_area_px:
+            # A smaller component cannot hold a region of min_area_px: skip its split.
+            work.append((k, win, comp, sm_w))
+    if maxima and n_raw > MAX_RAW_PEAKS and n_raw > 0.05 * n_binary:
+        from cascade.inference.reference import propose_reference
+
+        return propose_reference(rmap, transform, config=config)
+
+    regions: list[_Region] = []
+    next_id = 1  # the reference numbers the markers of all peaks first, in label order
+    for k, win, comp, sm_w in work:
+        r_off, c_off = win[0].start, win[1].start
+        if sm_w is None:
+            ws = comp.astype(np.int32)
+            keys = {1: (0, k)}
+        else:
+            peaks = peak_local_max(
+                sm_w,
+                min_distance=config.min_peak_distance_px,
+                threshold_abs=config.threshold,
+                labels=comp.astype(np.int32),
+                exclude_border=False,
+            )
+            markers = np.zeros(comp.shape, np.int32)
+            if len(peaks):
+                bb = ndimage.find_objects(comp.astype(np.int32))[0]
+                local = peaks - np.array([bb[0].start, bb[1].start])
+                kept = _merge_plateaus(local, sm_w[bb], comp[bb])
+                peaks = kept + np.array([bb[0].start, bb[1].start])
+                markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+                keys = {j: (0, next_id + j - 1) for j in range(1, len(peaks) + 1)}
+                next_id += len(peaks)
+            else:
+                # A flat component (no strict maximum): one marker at its highest pixel.
+                r, c = ndimage.maximum_position(sm_w, comp.astype(np.int32), 1)
+                markers[int(r), int(c)] = 1
+                keys = {1: (1, k)}
+            ws = watershed(-sm_w, markers, mask=comp)
+        for reg in regionprops(ws, intensity_image=rmap[win]):
+            if reg.area < config.min_area_px:
+                continue
+            b = reg.bbox
+            cy, cx = reg.centroid_weighted_local
+            regions.append(
+                _Region(
+                    key=keys[reg.label],
+                    score=float(reg.image_intensity[reg.image].sum()),
+                    area=int(reg.area),
+                    bbox=(b[0] + r_off, b[1] + c_off, b[2] + r_off, b[3] + c_off),
+                    centroid_rc=(cy + (b[0] + r_off), cx + (b[1] + c_off)),
+                    image=np.asarray(reg.image, dtype=bool),
+                )
+            )
     if not regions:
         return []
-    scores = np.array([float(r.image_intensity[r.image].sum()) for r in regions])
+    regions.sort(key=lambda r: r.key)
+    scores = np.array([r.score for r in regions])
     order = np.argsort(-scores, kind="stable")[: config.max_candidates]
-    centres_work = np.array([regions[i].centroid_weighted[::-1] for i in order], dtype=np.float64)
+    centres_work = np.array(
+        [regions[i].centroid_rc[::-1] for i in order], dtype=np.float64
+    ).reshape(-1, 2)
     centres_src = transform.to_source(centres_work)
     radii_work = np.array([math.sqrt(regions[i].area / math.pi) for i in order])
     radii_src = transform.lengths_to_source(radii_work)
     out = []
-    for k, i in enumerate(order):
-        reg = regions[i]
+    for j, i in enumerate(order):
+        reg_i = regions[i]
         out.append(
             Candidate(
-                x_work=float(centres_work[k, 0]),
-                y_work=float(centres_work[k, 1]),
-                x=float(centres_src[k, 0]),
-                y=float(centres_src[k, 1]),
+                x_work=float(centres_work[j, 0]),
+                y_work=float(centres_work[j, 1]),
+                x=float(centres_src[j, 0]),
+                y=float(centres_src[j, 1]),
                 asn_score=float(scores[i]),
-                area_px=int(reg.area),
-                bbox=tuple(int(v) for v in reg.bbox),  # type: ignore[arg-type]
-                radius_px=float(max(radii_src[k], 0.5)),
-                mask=np.asarray(reg.image, dtype=bool),
+                area_px=reg_i.area,
+                bbox=reg_i.bbox,
+                radius_px=float(max(radii_src[j], 0.5)),
+                mask=reg_i.image,
             )
         )
     return out
 
 
 def propose_image(
-    model: torch.nn.Module,
+    model: torch.nn.Module | MapNet,
     pre: PreprocessedImage,
     *,
     kind: MapKind = "residual",
