@@ -388,6 +388,7 @@ def canary_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         destinations=(dest,),
         quiet_seconds=1.0,
         max_attempts=1,
+        node_options={"max_instance_mb": 2},
     )
     try:
         cases: dict[str, Dataset | Path] = {}
@@ -426,6 +427,7 @@ def canary_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                     make_mg_dataset(seed=20, pixel_spacing=None, imager_pixel_spacing=None)
                 ),
                 "truncated pixel data": _truncated(canary(make_mg_dataset(seed=21))),
+                "over max_instance_mb": canary(make_mg_dataset(rows=1500, columns=1400)),
                 "deflate bomb": deflate_bomb(
                     folder / "bomb.dcm", canary(make_mg_dataset(rows=64, columns=64, seed=22))
                 ),
@@ -501,6 +503,7 @@ def test_no_log_line_of_the_node_shows_the_canary_after_every_bad_input(
         "wrong modality": 0xC210,
         "no pixel spacing": 0xC210,
         "truncated pixel data": 0xC210,
+        "over max_instance_mb": 0xA720,
         "deflate bomb": 0xA721,
         "re-sent, same bytes": 0x0000,
     }
