@@ -74,7 +74,7 @@ CONTINUATION = "  | "
 #: Values (and name components) shorter than this are not replaced (see the module notes).
 MIN_REDACTED_CHARS = 3
 #: How many distinct values a process keeps (the most recently seen).
-REMEMBERED_VALUES = 4096
+REMEMBERED_VALUES = 1024
 
 #: The attributes whose values identify a patient (or a person) and never go in a log.
 PATIENT_KEYWORDS: tuple[str, ...] = (
@@ -122,15 +122,16 @@ class _PatientValues:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._values: OrderedDict[str, None] = OrderedDict()
+        self._values: OrderedDict[str, None] = OrderedDict()  # lower-cased
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        self._pattern_ignoring_case: re.Pattern[str] | None = None
 
     def add(self, values: Iterable[str]) -> None:
         with self._lock:
             changed = False
             for value in values:
-                key = value.casefold()
+                key = value.lower()
                 if key in self._values:
                     self._values.move_to_end(key)
                     continue
@@ -139,20 +140,31 @@ class _PatientValues:
                 while len(self._values) > self._capacity:
                     self._values.popitem(last=False)
             if changed:
-                self._pattern = None
+                self._pattern = self._pattern_ignoring_case = None
 
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
-            self._pattern = None
+            self._pattern = self._pattern_ignoring_case = None
+
+    def _alternatives(self) -> str:
+        # Longest first: a whole name is replaced before its components.
+        return "|".join(re.escape(v) for v in sorted(self._values, key=len, reverse=True))
 
     def pattern(self) -> re.Pattern[str] | None:
+        """The values, to search for in a lower-cased text (matching without
+        IGNORECASE is about ten times faster)."""
         with self._lock:
             if self._pattern is None and self._values:
-                # Longest first: a whole name is replaced before its components.
-                ordered = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in ordered), re.IGNORECASE)
+                self._pattern = re.compile(self._alternatives())
             return self._pattern
+
+    def pattern_ignoring_case(self) -> re.Pattern[str] | None:
+        """The values, for a text whose lower-cased form has another length."""
+        with self._lock:
+            if self._pattern_ignoring_case is None and self._values:
+                self._pattern_ignoring_case = re.compile(self._alternatives(), re.IGNORECASE)
+            return self._pattern_ignoring_case
 
 
 _VALUES = _PatientValues(REMEMBERED_VALUES)
@@ -255,7 +267,16 @@ def redact(text: str) -> str:
     pattern = _VALUES.pattern()
     if pattern is None or not text:
         return text
-    return pattern.sub(REDACTED, text)
+    lowered = text.lower()
+    if len(lowered) != len(text):  # a character whose lower case is longer (rare)
+        ignoring_case = _VALUES.pattern_ignoring_case()
+        return ignoring_case.sub(REDACTED, text) if ignoring_case is not None else text
+    parts: list[str] = []
+    end = 0
+    for match in pattern.finditer(lowered):
+        parts += (text[end : match.start()], REDACTED)
+        end = match.end()
+    return "".join(parts) + text[end:] if parts else text
 
 
 # --------------------------------------------------------------------------- the guard
