@@ -46,6 +46,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from node.logs import remember_patient
 from node.settings import DestinationSettings, Settings
 from storage.database import Database
 from storage.errors import StorageError
@@ -122,6 +123,8 @@ def _check_timeout(timeout_seconds: Any) -> float:
 def _read(path: Path) -> Dataset | SendOutcome:
     try:
         ds = pydicom.dcmread(path)
+        # A result carries the patient's values; a peer may echo them (an Error Comment).
+        remember_patient(ds)
         ds.SOPClassUID  # noqa: B018 - fail here, not inside pynetdicom
         ds.SOPInstanceUID  # noqa: B018
         ds.file_meta.TransferSyntaxUID  # noqa: B018
