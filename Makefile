@@ -4,7 +4,8 @@
 # build torch==2.13.0 when no torch is importable; a CUDA torch already in the venv
 # is kept), the project with its dev extras, and — when running as root — the Debian
 # packages the tests use (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, libpixelmed-java,
-# chromium). `make test` also unpacks the pinned OHIF viewer into .cache/ (`make ohif`).
+# chromium, postgresql). `make test` also unpacks the pinned OHIF viewer into .cache/
+# (`make ohif`).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java chromium
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java chromium postgresql
 # The OHIF viewer of the browser test (tests/test_ohif.py): the prebuilt @ohif/app from the
 # npm registry, pinned (3.13 cannot render mammograms with VOILUTFunction LINEAR).
 OHIF_VERSION ?= 3.12.10
@@ -55,6 +56,7 @@ system-deps:
 	test -f /usr/share/java/pixelmed.jar || missing="$$missing libpixelmed-java"; \
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = "0" ]; then \
 			echo "installing Debian packages:$$missing"; \

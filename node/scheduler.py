@@ -45,6 +45,15 @@ Sends
     :func:`send_results` stops between two objects once :meth:`NodeScheduler.stop_sending`
     was called (``calcnode serve`` calls it first on SIGTERM): the object in flight is
     finished and recorded, the others stay pending.
+
+Several schedulers on one database
+    Two ``calcnode serve`` (two hosts behind one address) share the database: study
+    completion, sending and retention each run under ``Database.exclusive`` (a
+    PostgreSQL advisory lock, an ``flock`` for SQLite), so one scheduler at a time
+    lists and reports the due studies — a study version is reported once, one CAD SR
+    made — and one sends: an object goes out once. The other skips that run (its next
+    one may take over; a killed holder's lock is freed with its connection). Lease
+    recovery needs no lock (its rows are taken ``FOR UPDATE SKIP LOCKED``).
 """
 
 from __future__ import annotations
@@ -345,7 +354,24 @@ def complete_studies(
     int
         Studies reported (or ended as failed) in this run.
     """
-    when = _now(now)
+    try:
+        with database.exclusive("study-completion") as held:
+            if not held:  # another scheduler on this database is reporting
+                return 0
+            return _complete_due(database, store, settings, when=_now(now), failures=failures)
+    except Exception:
+        logger.exception("study completion failed")
+        return 0
+
+
+def _complete_due(
+    database: Database,
+    store: FileStore,
+    settings: Settings,
+    *,
+    when: dt.datetime,
+    failures: ReportFailures | None,
+) -> int:
     try:
         due = database.studies.due_studies(quiet_seconds=settings.study.quiet_seconds, now=when)
     except Exception:
@@ -395,7 +421,10 @@ def send_results(
     try:
         from node.scu import send_due
 
-        return int(send_due(database, store, settings, now=now, stop=stop))
+        with database.exclusive("sends") as held:
+            if not held:  # another scheduler on this database is sending
+                return 0
+            return int(send_due(database, store, settings, now=now, stop=stop))
     except Exception:
         logger.exception("sending results failed")
         return 0
@@ -424,22 +453,29 @@ def purge_retention(
     if days <= 0:
         return 0
     try:
-        cutoff = _now(now) - dt.timedelta(days=days)
-        removed = 0
-        for rel in database.purge_done_before(cutoff):
-            try:
-                if store.remove(rel):
-                    removed += 1
-            except (OSError, ValueError):
-                logger.exception("retention: could not remove %s", rel)
-        store.purge_empty_dirs()
-        store.purge_stale_temp_files()
-        if removed:
-            logger.info("retention: removed %d file(s) older than %d days", removed, days)
-        return removed
+        with database.exclusive("retention") as held:
+            if not held:
+                return 0
+            return _purge(database, store, days, _now(now))
     except Exception:
         logger.exception("retention purge failed")
         return 0
+
+
+def _purge(database: Database, store: FileStore, days: int, now: dt.datetime) -> int:
+    cutoff = now - dt.timedelta(days=days)
+    removed = 0
+    for rel in database.purge_done_before(cutoff):
+        try:
+            if store.remove(rel):
+                removed += 1
+        except (OSError, ValueError):
+            logger.exception("retention: could not remove %s", rel)
+    store.purge_empty_dirs()
+    store.purge_stale_temp_files()
+    if removed:
+        logger.info("retention: removed %d file(s) older than %d days", removed, days)
+    return removed
 
 
 class NodeScheduler:

@@ -20,8 +20,29 @@ power loss), a busy timeout and foreign keys on. Every transaction starts with
 ``BEGIN IMMEDIATE``, so writers queue on SQLite's write lock (waiting up to the busy
 timeout) instead of failing when a read transaction tries to upgrade; together with the
 single ``UPDATE … WHERE id = (SELECT …) RETURNING`` of :meth:`storage.jobs.Jobs.claim`,
-two workers — threads or processes — never claim the same job. On PostgreSQL the claim's
-sub-select takes ``FOR UPDATE SKIP LOCKED``.
+two workers — threads or processes — never claim the same job.
+
+PostgreSQL (``postgresql://…``, driven by psycopg 3: ``pip install calcnode[postgres]``)
+gives the same guarantees by row locks instead of one write lock: the claim's sub-select
+takes ``FOR UPDATE SKIP LOCKED`` (concurrent claims skip each other's row, never wait,
+never share one), and every read-modify-write of a row (lease, completion, a study's
+report version, a send's outcome) reads it ``FOR UPDATE``, so two transactions on one row
+run one after the other as they do on SQLite. SQLite ignores those clauses.
+
+Tasks that must run in one place at a time — reporting studies, sending, retention —
+take :meth:`Database.exclusive`: a PostgreSQL advisory lock (held by a connection:
+released by the server when its process dies), or an ``flock`` beside the SQLite file.
+However many schedulers share the database, one reports a study version and one sends
+an object.
+
+An unreachable server (refused, timed out, a connection the server or the network
+dropped) makes :meth:`Database.transaction` raise
+:class:`~storage.errors.DatabaseUnavailableError` and back off: for a growing delay
+(0.5 s doubling to 10 s) further transactions fail at once with the same error instead of
+each waiting on a connection, then one tries again; the pool checks a connection before
+using it (``pool_pre_ping``), so the first transaction after the outage gets a fresh one.
+Callers retry (workers poll, the scheduler's tasks run again, the SCP answers 0xA710 and
+the sender retries): nothing committed is lost.
 
 Schema version
 --------------
@@ -29,8 +50,10 @@ The database is created from the models (``create_all``) and stamped with
 :data:`storage.models.SCHEMA_VERSION`; opening checks the stamp, applies the upgrades it
 knows (:data:`UPGRADES`: 1 → 2 adds ``studies.report_error``), in the same transaction,
 and refuses any other version, or a file that is not a calcnode database, with
-:class:`~storage.errors.SchemaVersionError`. Adopt Alembic when an upgrade is more than
-a statement or two.
+:class:`~storage.errors.SchemaVersionError`. One version number for both backends; on
+PostgreSQL the opening transaction first takes an advisory lock, so processes starting
+together on an empty database create (or upgrade) it once. Adopt Alembic when an upgrade
+is more than a statement or two.
 
 Times are timezone-aware UTC datetimes. Every method that depends on the time takes an
 optional keyword ``now`` (tests inject it); otherwise the database's clock is used.
@@ -39,17 +62,21 @@ optional keyword ``now`` (tests inject it); otherwise the database's clock is us
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect, select, update
+from sqlalchemy import Engine, create_engine, event, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.engine.url import URL
+from sqlalchemy.exc import DatabaseError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -59,7 +86,16 @@ from storage.errors import DatabaseUnavailableError, SchemaVersionError, Storage
 from storage.models import APPLICATION_NAME, SCHEMA_VERSION, Base, SchemaVersion, utcnow
 from storage.policy import QueuePolicy
 
-__all__ = ["UPGRADES", "Database", "open_database", "prepare_schema", "read_schema_version"]
+__all__ = [
+    "POSTGRES_CONNECT_DEFAULTS",
+    "UPGRADES",
+    "Database",
+    "engine_url",
+    "is_unreachable",
+    "open_database",
+    "prepare_schema",
+    "read_schema_version",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +109,50 @@ UPGRADES: dict[int, tuple[str, ...]] = {
 # --------------------------------------------------------------------------- engine
 
 
+#: libpq parameters set unless the URL's query names them: give up on a server that does
+#: not answer within 10 s (rather than the kernel's minutes), notice a peer that vanished
+#: from an idle connection (a task lock's) within about a minute, and name the client in
+#: ``pg_stat_activity``.
+POSTGRES_CONNECT_DEFAULTS: dict[str, int | str] = {
+    "connect_timeout": 10,
+    "application_name": "calcnode",
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+#: The first key of calcnode's PostgreSQL advisory locks ("calc"); the second is a CRC-32
+#: of the lock's name.
+_LOCK_CLASS = 0x63616C63
+
+
 def _is_memory_sqlite(database: str | None) -> bool:
     return not database or database == ":memory:" or "mode=memory" in database
 
 
-def _make_engine(url: str, *, create: bool, busy_timeout_seconds: float) -> Engine:
+def engine_url(url: str) -> URL:
+    """The SQLAlchemy URL calcnode connects with: ``postgresql://`` (and ``postgres://``)
+    mean psycopg 3 (the ``[postgres]`` extra), not SQLAlchemy's default psycopg2; a URL
+    naming its driver (``postgresql+psycopg2://``) is kept."""
     parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _lock_keys(name: str) -> dict[str, int]:
+    key = zlib.crc32(f"calcnode:{name}".encode())
+    return {"a": _LOCK_CLASS, "b": key - (1 << 32) if key >= 1 << 31 else key}
+
+
+def _make_engine(url: str, *, create: bool, busy_timeout_seconds: float) -> Engine:
+    parsed = engine_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        libpq: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            libpq = {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in parsed.query}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=libpq)
 
     database = parsed.database
     kwargs: dict[str, Any] = {}
@@ -131,6 +203,65 @@ def _display_url(url: str) -> str:
 def _first_line(error: object) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def is_unreachable(exc: BaseException, dialect_name: str) -> bool:
+    """Whether a driver error means the server cannot be reached (rather than a failed
+    statement): on PostgreSQL an error without SQLSTATE (no answer: refused, timed out,
+    the connection dropped), a connection exception (08xxx) or an operator intervention
+    (57Pxx: the server shutting down, starting up); SQLite's errors never are (a lock
+    timeout is about one transaction)."""
+    if dialect_name == "sqlite" or not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith(("08", "57P"))
+
+
+class _Outage:
+    """The back-off of an unreachable server: after ``n`` failures in a row, no
+    transaction tries for ``min(cap, base * 2**(n-1))`` seconds (they fail at once)."""
+
+    def __init__(self, *, base_seconds: float = 0.5, cap_seconds: float = 10.0) -> None:
+        self.base = base_seconds
+        self.cap = cap_seconds
+        self.failures = 0
+        self.retry_at = 0.0
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def check(self, shown_url: str) -> None:
+        with self._lock:
+            wait = self.retry_at - time.monotonic()
+            if self.failures and wait > 0:
+                raise DatabaseUnavailableError(
+                    f"database {shown_url} unreachable ({self.failures} failure(s) in a row, "
+                    f"next try in {wait:.1f} s): {self.reason}"
+                )
+
+    def failed(self, reason: str, shown_url: str) -> float:
+        with self._lock:
+            self.failures += 1
+            delay = min(self.cap, self.base * 2.0 ** min(self.failures - 1, 30))
+            self.retry_at = time.monotonic() + delay
+            self.reason = reason
+            if self.failures == 1:
+                logger.warning("database %s unreachable: %s", shown_url, reason)
+            return delay
+
+    def succeeded(self, shown_url: str) -> None:
+        if not self.failures:  # the usual case: no lock taken
+            return
+        with self._lock:
+            if self.failures:
+                logger.info(
+                    "database %s reachable again after %d failure(s)", shown_url, self.failures
+                )
+            self.failures = 0
+            self.retry_at = 0.0
 
 
 # --------------------------------------------------------------------------- schema
@@ -197,6 +328,10 @@ def prepare_schema(engine: Engine, *, create: bool = True) -> int:
         or is empty while ``create`` is false.
     """
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Processes starting together on an empty database: one creates it, the
+            # others wait here and then find it (DDL is transactional on PostgreSQL).
+            conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), _lock_keys("schema"))
         found = read_schema_version(conn)
         if found is None:
             if not create:
@@ -285,8 +420,9 @@ def open_database(
     try:
         engine = _make_engine(url, create=create, busy_timeout_seconds=busy_timeout_seconds)
     except ImportError as exc:  # the DBAPI module of the URL's dialect
+        hint = "; pip install calcnode[postgres]" if "psycopg" in str(exc) else ""
         raise DatabaseUnavailableError(
-            f"cannot open {_display_url(url)}: its database driver is not installed ({exc})"
+            f"cannot open {_display_url(url)}: its database driver is not installed ({exc}{hint})"
         ) from exc
     except OSError as exc:  # the SQLite file's folder cannot be made
         where = f" (making {exc.filename})" if exc.filename else ""
@@ -364,6 +500,11 @@ class Database:
         self._serial: threading.Lock | None = (
             threading.Lock() if engine.dialect.name == "sqlite" else None
         )
+        self._shown_url = engine.url.render_as_string(hide_password=True)
+        self._outage = _Outage()
+        #: In-memory SQLite: the task locks of this process (no file to lock).
+        self._local_locks: dict[str, threading.Lock] = {}
+        self._local_locks_guard = threading.Lock()
         self.jobs = jobs.Jobs(self)
         self.studies = studies.Studies(self)
         self.sends = sends.Sends(self)
@@ -387,21 +528,46 @@ class Database:
         """``now`` checked (aware, in UTC), or the clock's time when ``None``."""
         return check_time("now", self._clock() if now is None else now)
 
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"`` (the dialect's name)."""
+        return str(self._engine.dialect.name)
+
+    def _after_fork(self) -> None:
+        if os.getpid() != self._pid:
+            # Forked: the parent's connections must not be used (nor closed) here, and a
+            # lock another parent thread held at the fork would stay locked forever.
+            self._engine.dispose(close=False)
+            self._serial = threading.Lock() if self._serial is not None else None
+            self._local_locks = {}
+            self._local_locks_guard = threading.Lock()
+            self._outage = _Outage()
+            self._pid = os.getpid()
+
+    def _failure(self, exc: DBAPIError) -> StorageError:
+        """The storage error for a driver error (an outage starts its back-off)."""
+        reason = _first_line(exc.orig)
+        if is_unreachable(exc, self.backend):
+            delay = self._outage.failed(reason, self._shown_url)
+            return DatabaseUnavailableError(
+                f"database {self._shown_url} unreachable (next try in {delay:.1f} s): {reason}"
+            )
+        return StorageError(f"database operation failed: {exc.orig}")
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction, committed on exit (rolled back on an error).
 
         Raises
         ------
+        DatabaseUnavailableError
+            The server cannot be reached (see the module notes: while it backs off,
+            at once, without trying).
         StorageError
             The database failed (locked past the busy timeout, disk I/O error, ...).
         """
-        if os.getpid() != self._pid:
-            # Forked: the parent's connections must not be used (nor closed) here, and a
-            # lock another parent thread held at the fork would stay locked forever.
-            self._engine.dispose(close=False)
-            self._serial = threading.Lock() if self._serial is not None else None
-            self._pid = os.getpid()
+        self._after_fork()
+        self._outage.check(self._shown_url)
         try:
             # Threads of this process queue on a Python lock (a prompt hand-over) rather
             # than on SQLite's busy handler, which sleeps in growing steps; other
@@ -413,7 +579,108 @@ class Database:
             ):
                 yield session
         except OperationalError as exc:
-            raise StorageError(f"database operation failed: {exc.orig}") from exc
+            raise self._failure(exc) from exc
+        except DBAPIError as exc:
+            if is_unreachable(exc, self.backend):
+                raise self._failure(exc) from exc
+            raise  # IntegrityError and the like: the caller's business
+        self._outage.succeeded(self._shown_url)
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Hold the database-wide lock ``name`` for the block, unless someone else does.
+
+        For tasks that must run in one place at a time however many processes (hosts)
+        share the database: making a study's reports, sending, retention. It never
+        waits: it yields True when this caller holds the lock now (do the task), False
+        when another process or thread holds it (skip: the task is being done there).
+
+        PostgreSQL: a session advisory lock on a connection of its own, kept for the
+        block; the server releases it when that connection ends, so a process killed
+        mid-task frees it at once. SQLite: ``flock`` on ``<database file>.<name>.lock``
+        (released by the kernel when the process dies); an in-memory database: a lock
+        of this process.
+
+        Parameters
+        ----------
+        name : str
+            The task's name (letters, digits, ``-`` and ``_``).
+
+        Raises
+        ------
+        DatabaseUnavailableError, StorageError
+            As for :meth:`transaction` (PostgreSQL), or the lock file cannot be opened.
+        """
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"name must be letters, digits, '-' or '_', got {name!r}")
+        self._after_fork()
+        if self.backend == "postgresql":
+            with self._advisory_lock(name) as held:
+                yield held
+        elif _is_memory_sqlite(self._engine.url.database):
+            with self._local_locks_guard:
+                lock = self._local_locks.setdefault(name, threading.Lock())
+            if not lock.acquire(blocking=False):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                lock.release()
+        else:
+            with self._file_lock(name) as held:
+                yield held
+
+    @contextmanager
+    def _advisory_lock(self, name: str) -> Iterator[bool]:
+        self._outage.check(self._shown_url)
+        keys = _lock_keys(name)
+        try:
+            conn = self._engine.connect()
+        except DBAPIError as exc:
+            raise self._failure(exc) from exc
+        try:
+            held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), keys).scalar())
+            conn.commit()  # no transaction left open while the task runs
+        except DBAPIError as exc:
+            conn.invalidate()
+            conn.close()
+            raise self._failure(exc) from exc
+        if not held:
+            conn.close()
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"), keys)
+                conn.commit()
+            except DBAPIError:
+                # The connection is gone, or its session ends now: either way the server
+                # releases the lock with it.
+                conn.invalidate()
+            finally:
+                conn.close()
+
+    @contextmanager
+    def _file_lock(self, name: str) -> Iterator[bool]:
+        path = f"{self._engine.url.database}.{name}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open the lock file {path}: {exc.strerror}") from exc
+        try:
+            try:
+                # One open file description per call: threads of one process exclude
+                # each other as processes do.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the flock
 
     # ------------------------------------------------------------------ across aggregates
 

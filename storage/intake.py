@@ -129,7 +129,9 @@ def _instance_fields(
 
 
 def _by_sop(s: Session, sop: str) -> Job | None:
-    return s.scalars(select(Job).where(Job.sop_instance_uid == sop)).one_or_none()
+    # FOR UPDATE: two nodes receiving one instance at once decide one after the other
+    # on PostgreSQL (a new UID: the second insert fails and is retried, seeing the first).
+    return s.scalars(select(Job).where(Job.sop_instance_uid == sop).with_for_update()).one_or_none()
 
 
 def _exists(store: FileStore, job: Job) -> bool:

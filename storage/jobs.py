@@ -148,9 +148,9 @@ def purge_finished(
     states = ("done", "failed") if include_failed else ("done",)
     reported = select(Study.study_instance_uid).where(Study.state == "reported")
     jobs = s.scalars(
-        select(Job).where(
-            Job.state.in_(states), Job.updated_at < cutoff, Job.study_instance_uid.in_(reported)
-        )
+        select(Job)
+        .where(Job.state.in_(states), Job.updated_at < cutoff, Job.study_instance_uid.in_(reported))
+        .with_for_update(skip_locked=True)
     ).all()
     paths: set[str] = set()
     for job in jobs:
@@ -235,7 +235,9 @@ class Jobs(Intake):
     def _owned(self, s: Session, job_id: int, worker_id: str) -> Job:
         check_int("job_id", job_id, minimum=1)
         check_text("worker_id", worker_id, max_chars=MAX_NAME_CHARS)
-        job = s.get(Job, job_id)
+        # FOR UPDATE: on PostgreSQL a lease recovery or a re-send changing the row
+        # meanwhile is waited for and seen, not overwritten (SQLite: its write lock).
+        job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         if job.state != "running" or job.lease_owner != worker_id:
@@ -409,10 +411,13 @@ class Jobs(Intake):
         now = self._db.now(now)
         recovered: list[int] = []
         with self._db.transaction() as s:
+            # SKIP LOCKED: a job a worker is completing (or another scheduler recovering)
+            # right now is left to it.
             jobs = s.scalars(
                 select(Job)
                 .where(Job.state == "running", Job.lease_expires_at < now)
                 .order_by(Job.id)
+                .with_for_update(skip_locked=True)
             ).all()
             for job in jobs:
                 expired = job.lease_expires_at.isoformat() if job.lease_expires_at else "?"
@@ -449,7 +454,7 @@ class Jobs(Intake):
         check_int("job_id", job_id, minimum=1)
         now = self._db.now(now)
         with self._db.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise JobNotFoundError(f"no job with id {job_id}")
             if job.state == "running":

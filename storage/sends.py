@@ -1,8 +1,9 @@
 """The sends aggregate: outbound C-STOREs of produced objects to destinations.
 
 A send is ``pending → sent | failed``, one row per (destination, SOP Instance UID).
-Sends are not leased: one scheduler in the node sends them (:meth:`Sends.due_sends`,
-then :meth:`Sends.mark_sent` or :meth:`Sends.mark_send_failed`).
+Sends are not leased: one scheduler at a time sends them — the one holding
+``Database.exclusive("sends")``, however many share the database —
+(:meth:`Sends.due_sends`, then :meth:`Sends.mark_sent` or :meth:`Sends.mark_send_failed`).
 
 Decisions
 ---------
@@ -20,6 +21,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, literal, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.common import (
@@ -104,7 +106,11 @@ def purge_sent(s: Session, cutoff: dt.datetime) -> tuple[set[str], int]:
     Returns the purged objects' paths that no remaining send refers to, and how many
     sends were deleted.
     """
-    sends = s.scalars(select(Send).where(Send.state == "sent", Send.sent_at < cutoff)).all()
+    sends = s.scalars(
+        select(Send)
+        .where(Send.state == "sent", Send.sent_at < cutoff)
+        .with_for_update(skip_locked=True)
+    ).all()
     purged = {send.id for send in sends}
     candidates = {send.object_path for send in sends}
     for send in sends:
@@ -122,7 +128,7 @@ def purge_sent(s: Session, cutoff: dt.datetime) -> tuple[set[str], int]:
 
 def _get(s: Session, send_id: int) -> Send:
     check_int("send_id", send_id, minimum=1)
-    send = s.get(Send, send_id)
+    send = s.get(Send, send_id, with_for_update=True)
     if send is None:
         raise SendNotFoundError(f"no send with id {send_id}")
     return send
@@ -177,28 +183,36 @@ class Sends:
         if kind not in SEND_KINDS:
             raise ValueError(f"kind must be one of {SEND_KINDS}, got {kind!r}")
         now = self._db.now(now)
-        with self._db.transaction() as s:
-            existing = s.scalar(
-                select(Send.id).where(Send.destination == dest, Send.sop_instance_uid == sop)
-            )
-            if existing is not None:
-                return existing
-            send = Send(
-                destination=dest,
-                object_path=relpath,
-                sop_class_uid=sop_class,
-                sop_instance_uid=sop,
-                study_instance_uid=study,
-                kind=kind,
-                state="pending",
-                attempts=0,
-                next_try_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-            s.add(send)
-            s.flush()
-            send_id = send.id
+        existing_id = select(Send.id).where(Send.destination == dest, Send.sop_instance_uid == sop)
+        try:
+            with self._db.transaction() as s:
+                existing = s.scalar(existing_id)
+                if existing is not None:
+                    return existing
+                send = Send(
+                    destination=dest,
+                    object_path=relpath,
+                    sop_class_uid=sop_class,
+                    sop_instance_uid=sop,
+                    study_instance_uid=study,
+                    kind=kind,
+                    state="pending",
+                    attempts=0,
+                    next_try_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(send)
+                s.flush()
+                send_id = send.id
+        except IntegrityError:
+            # Another connection queued the same object for the same destination first
+            # (a worker and the scheduler at once, on PostgreSQL): that send is this one.
+            with self._db.transaction() as s:
+                raced = s.scalar(existing_id)
+            if raced is None:
+                raise
+            return raced
         logger.info("send %d queued: %s %s to %s", send_id, kind, sop, dest)
         return send_id
 
@@ -211,7 +225,8 @@ class Sends:
     ) -> list[SendInfo]:
         """Pending sends whose time has come, oldest due first.
 
-        Sends are not leased: one scheduler in the node sends them.
+        Sends are not leased: the scheduler holding ``Database.exclusive("sends")``
+        sends them.
         """
         check_int("limit", limit, minimum=1)
         now = self._db.now(now)

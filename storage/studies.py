@@ -134,7 +134,11 @@ _STUDY_DUE = snapshot_columns(
 
 
 def _study(s: Session, uid: str) -> Study | None:
-    return s.scalars(select(Study).where(Study.study_instance_uid == uid)).one_or_none()
+    """The study row to change, locked (PostgreSQL: two images of one study arriving at
+    two nodes count both; two schedulers cannot both record one report version)."""
+    return s.scalars(
+        select(Study).where(Study.study_instance_uid == uid).with_for_update()
+    ).one_or_none()
 
 
 def touch_study(
@@ -173,7 +177,9 @@ def touch_study(
 
 def reopen_study(s: Session, study_uid: str) -> None:
     """Mark an existing study's content as changed (its reports will be made again)."""
-    study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+    study = s.scalars(
+        select(Study).where(Study.study_instance_uid == study_uid).with_for_update()
+    ).one()
     _reopen(study)
 
 

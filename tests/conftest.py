@@ -1,8 +1,9 @@
 """Shared fixtures of the tests: a tiny random-weight model, a pynetdicom receiver, an
 Orthanc server, test TLS certificates, a tiny trained cascade, logger levels restored
-after each test.
+after each test, a throwaway PostgreSQL server and the database URL of either backend.
 
-The helpers they use are in ``tests/helpers.py`` and ``tests/factories.py``.
+The helpers they use are in ``tests/helpers.py``, ``tests/factories.py`` and
+``tests/pg.py`` (the PostgreSQL server).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.helpers import (
     openssl_cert,
     write_tiny_model,
 )
+from tests.pg import INFO_FILE, PostgresServer, start_server, unavailable_reason
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +84,12 @@ def _restore_logger_levels() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
+def _shared_temp(factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder every xdist worker of this run shares (its own without xdist)."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def _built_once(
     factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
 ) -> Path:
@@ -93,8 +101,7 @@ def _built_once(
     others wait for it and reuse it (the pattern of pytest-xdist's documentation). The
     folders are read-only for the tests that use them.
     """
-    base = factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = _shared_temp(factory)
     folder = shared / name
     with FileLock(str(shared / f"{name}.lock")):
         if not (folder / ".built").is_file():
@@ -174,3 +181,72 @@ def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPa
         assert best == out / "best.pt"
 
     return _built_once(tmp_path_factory, "fpr", build)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> PostgresServer:
+    """One throwaway PostgreSQL server for the whole run (tests/pg.py), skipping with the
+    reason when none can be started here.
+
+    Under xdist the first worker to ask starts it under a file lock in the workers'
+    shared temporary folder and leaves its address there for the others; the controlling
+    process stops it when the run ends (:func:`pytest_sessionfinish`).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    shared = _shared_temp(tmp_path_factory)
+    info, failed = shared / INFO_FILE, shared / "postgres-server.failed"
+    with FileLock(str(shared / "postgres-server.lock")):
+        if failed.is_file():
+            pytest.skip(failed.read_text())
+        if info.is_file():
+            server = PostgresServer.from_json(info.read_text())
+            if server.alive():
+                return server
+        try:
+            server = start_server()
+        except RuntimeError as exc:
+            failed.write_text(str(exc))
+            pytest.skip(str(exc))
+        info.write_text(server.to_json())
+    return server
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the run's PostgreSQL server (in the controlling process, after every worker)."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: not its server to stop
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        info = factory.getbasetemp() / INFO_FILE
+    except OSError:
+        return
+    if info.is_file():
+        PostgresServer.from_json(info.read_text()).stop()
+        info.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the run's server, dropped after the test."""
+    with postgres_server.database() as url:
+        yield url
+
+
+#: The database backends a test runs on; the PostgreSQL ones are marked ``postgres``.
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each backend: ``sqlite:///<tmp_path>/node.db``, or a fresh
+    database on the run's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return str(request.getfixturevalue("postgres_url"))

@@ -1,4 +1,10 @@
-"""Tests of the storage database: jobs (intake, claim, leases), studies, sends, schema."""
+"""Tests of the storage database: jobs (intake, claim, leases), studies, sends, schema.
+
+Every test that takes ``db`` or ``database_url`` runs on both backends: SQLite and a
+fresh database on the run's throwaway PostgreSQL server (``[postgresql]``, marked
+``postgres``; skipped with the reason where no server can be started). The SQLite file's
+own properties (WAL, a file that is not a database) are tested on SQLite alone.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,15 @@ import dataclasses
 import datetime as dt
 import hashlib
 import multiprocessing
-import sqlite3
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
 import storage.database
-from storage.database import Database, open_database, prepare_schema
+from storage.database import Database, engine_url, open_database, prepare_schema
 from storage.errors import (
     DatabaseUnavailableError,
     DiskFullError,
@@ -60,12 +65,26 @@ def policy(**overrides: object) -> QueuePolicy:
 
 
 def db_url(tmp_path: Path) -> str:
+    """The SQLite database of the SQLite-only tests."""
     return f"sqlite:///{tmp_path / 'node.db'}"
 
 
+def raw_engine(url: str) -> Engine:
+    """An engine on ``url`` outside calcnode's handle (to damage a database on purpose)."""
+    return create_engine(engine_url(url))
+
+
+def execute(url: str, *statements: str) -> None:
+    engine = raw_engine(url)
+    with engine.begin() as con:
+        for statement in statements:
+            con.execute(text(statement))
+    engine.dispose()
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    database = open_database(db_url(tmp_path), policy=policy())
+def db(database_url: str) -> Database:
+    database = open_database(database_url, policy=policy())
     yield database
     database.close()
 
@@ -387,8 +406,8 @@ def _claim_all(url: str, worker: str, start: object, out: object) -> None:
     out.put((worker, got))  # type: ignore[attr-defined]
 
 
-def test_claim_is_atomic_across_processes(tmp_path: Path) -> None:
-    url = db_url(tmp_path)
+def test_claim_is_atomic_across_processes(database_url: str) -> None:
+    url = database_url
     database = open_database(url, policy=policy())
     ids = {enqueue(database, f"1.{i}", now=at(-1)).job_id for i in range(120)}
     database.close()
@@ -510,9 +529,9 @@ def test_expired_lease_returns_the_job_to_the_queue_and_counts_the_attempt(
 
 
 def test_expired_lease_on_the_last_attempt_fails_the_job_keeping_the_reason(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    database = open_database(db_url(tmp_path), policy=policy(max_attempts=1))
+    database = open_database(database_url, policy=policy(max_attempts=1))
     job_id = enqueue(database, "1.1").job_id
     assert database.jobs.claim("dead", lease_seconds=5, now=at(0)) is not None
     assert database.jobs.recover_expired_leases(now=at(6)) == [job_id]
@@ -575,9 +594,9 @@ def test_complete_rejects_a_result_that_is_not_json(db: Database) -> None:
 
 
 def test_fail_retries_with_exponential_backoff_then_fails_after_max_attempts(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    database = open_database(db_url(tmp_path), policy=policy(max_attempts=4))
+    database = open_database(database_url, policy=policy(max_attempts=4))
     job_id = enqueue(database, "1.1").job_id
     now = at(0)
     expected_delays = [10, 20, 25]  # base 10 s, doubling, capped at 25 s
@@ -790,8 +809,8 @@ def test_send_backoff_doubles_up_to_the_cap_and_never_gives_up_by_default(
         db.sends.mark_send_failed(send_id, error="late", now=now)
 
 
-def test_send_fails_after_the_configured_maximum_of_tries(tmp_path: Path) -> None:
-    database = open_database(db_url(tmp_path), policy=policy(send_max_attempts=2))
+def test_send_fails_after_the_configured_maximum_of_tries(database_url: str) -> None:
+    database = open_database(database_url, policy=policy(send_max_attempts=2))
     send_id = add_send(database)
     assert (
         database.sends.mark_send_failed(send_id, error="0xA700", status=0xA700, now=at(0))
@@ -960,9 +979,8 @@ def test_methods_refuse_naive_datetimes(db: Database) -> None:
 # --------------------------------------------------------------------------- schema
 
 
-def _set_version(path: Path, version: int) -> None:
-    with sqlite3.connect(path) as con:
-        con.execute("UPDATE schema_version SET version = ?", (version,))
+def _set_version(url: str, version: int) -> None:
+    execute(url, f"UPDATE schema_version SET version = {version}")
 
 
 def test_fresh_database_uses_wal_foreign_keys_and_records_the_schema_version(
@@ -981,37 +999,39 @@ def test_fresh_database_uses_wal_foreign_keys_and_records_the_schema_version(
     assert tables == set(Base.metadata.tables)
 
 
-def test_open_refuses_a_database_with_a_newer_schema_version(tmp_path: Path) -> None:
-    open_database(db_url(tmp_path)).close()
-    _set_version(tmp_path / "node.db", SCHEMA_VERSION + 98)
+def test_open_refuses_a_database_with_a_newer_schema_version(database_url: str) -> None:
+    open_database(database_url).close()
+    _set_version(database_url, SCHEMA_VERSION + 98)
     newer = SCHEMA_VERSION + 98
     with pytest.raises(
         SchemaVersionError, match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}"
     ):
-        open_database(db_url(tmp_path))
+        open_database(database_url)
 
 
 def test_open_refuses_a_database_with_an_older_schema_version(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    open_database(db_url(tmp_path)).close()
+    open_database(database_url).close()
     monkeypatch.setattr(storage.database, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with pytest.raises(
         SchemaVersionError,
         match=rf"schema version {SCHEMA_VERSION}, older than version {SCHEMA_VERSION + 1}",
     ):
-        open_database(db_url(tmp_path))
+        open_database(database_url)
 
 
-def test_open_upgrades_a_version_1_database_keeping_its_rows(tmp_path: Path) -> None:
-    database = open_database(db_url(tmp_path), policy=policy())
+def test_open_upgrades_a_version_1_database_keeping_its_rows(database_url: str) -> None:
+    database = open_database(database_url, policy=policy())
     enqueue(database, "1.1")
     database.close()
     # A database as version 1 wrote it: without studies.report_error.
-    with sqlite3.connect(tmp_path / "node.db") as con:
-        con.execute("ALTER TABLE studies DROP COLUMN report_error")
-        con.execute("UPDATE schema_version SET version = 1")
-    database = open_database(db_url(tmp_path), policy=policy())
+    execute(
+        database_url,
+        "ALTER TABLE studies DROP COLUMN report_error",
+        "UPDATE schema_version SET version = 1",
+    )
+    database = open_database(database_url, policy=policy())
     try:
         assert database.studies.get_study(STUDY).report_error is None
         assert database.jobs.get_job(1).sop_instance_uid == "1.1"
@@ -1026,10 +1046,17 @@ def test_a_database_that_cannot_be_opened_is_unavailable_not_foreign(tmp_path: P
     with pytest.raises(DatabaseUnavailableError, match=r"cannot open sqlite:///") as info:
         open_database(f"sqlite:///{tmp_path / 'file' / 'node.db'}")
     assert "not a calcnode database" not in str(info.value)
-    # Neither is a server URL whose driver is missing (nor, with a driver, one that does
-    # not answer: the driver's OperationalError becomes the same error).
+    # Neither is a server URL whose driver is missing, nor, with a driver (psycopg 3 for
+    # postgresql://), one that does not answer: the driver's OperationalError becomes the
+    # same error, the password hidden.
     with pytest.raises(DatabaseUnavailableError, match=r"driver is not installed"):
+        open_database("postgresql+pg8000://calcnode:secret@127.0.0.1:1/calcnode")
+    with pytest.raises(
+        DatabaseUnavailableError,
+        match=r"cannot open postgresql://calcnode:\*\*\*@127.0.0.1:1/calcnode: .*refused",
+    ) as refused:
         open_database("postgresql://calcnode:secret@127.0.0.1:1/calcnode")
+    assert "secret" not in str(refused.value)
 
 
 def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
@@ -1038,11 +1065,10 @@ def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
         open_database(db_url(tmp_path))
 
 
-def test_open_refuses_a_foreign_sqlite_database(tmp_path: Path) -> None:
-    with sqlite3.connect(tmp_path / "node.db") as con:
-        con.execute("CREATE TABLE patients (name TEXT)")
+def test_open_refuses_a_foreign_database(database_url: str) -> None:
+    execute(database_url, "CREATE TABLE patients (name TEXT)")
     with pytest.raises(SchemaVersionError, match=r"not a calcnode database.*patients"):
-        open_database(db_url(tmp_path))
+        open_database(database_url)
 
 
 def test_open_without_create_refuses_a_missing_database(tmp_path: Path) -> None:
@@ -1051,10 +1077,8 @@ def test_open_without_create_refuses_a_missing_database(tmp_path: Path) -> None:
     assert not (tmp_path / "node.db").exists()
 
 
-def test_prepare_schema_refuses_an_empty_database_without_create(tmp_path: Path) -> None:
-    from sqlalchemy import create_engine
-
-    engine = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+def test_prepare_schema_refuses_an_empty_database_without_create(database_url: str) -> None:
+    engine = raw_engine(database_url)
     with pytest.raises(SchemaVersionError, match="empty"):
         prepare_schema(engine, create=False)
     assert prepare_schema(engine) == 0

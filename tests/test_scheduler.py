@@ -1,10 +1,17 @@
-"""Tests of node.scheduler: the quiet-period rule, report versions, sends, leases, retention."""
+"""Tests of node.scheduler: the quiet-period rule, report versions, sends, leases, retention.
+
+Every test runs on both backends (``_backend``): SQLite (the settings' default database)
+and a fresh database on the run's throwaway PostgreSQL server (``[postgresql]``, marked
+``postgres``).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -26,6 +33,24 @@ from tests.helpers import FakeDetector, Receiver, make_settings, make_worker, re
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 PACS = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
+
+
+@pytest.fixture(autouse=True)
+def _backend(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test on each backend: the settings made by ``make_settings`` point at
+    ``database_url`` (SQLite: the settings' own default, as before)."""
+    if database_url.startswith("sqlite"):
+        return
+
+    def on_backend(*args: Any, **kwargs: Any) -> Any:
+        settings = _make_settings(*args, **kwargs)
+        storage = settings.storage.model_copy(update={"database_url": database_url})
+        return settings.model_copy(update={"storage": storage})
+
+    monkeypatch.setattr(sys.modules[__name__], "make_settings", on_backend)
+
+
+_make_settings = make_settings
 
 
 def summary_code(sr: pydicom.Dataset) -> str:
