@@ -1,26 +1,21 @@
 """The node's typed configuration: defaults, TOML files, environment, command line.
 
-The frozen pydantic models below are the one source of truth: their defaults *are* the
-defaults, and ``config/calcnode.toml`` lists every key with the same value (a test keeps
-the two equal). :func:`load_settings` layers, lowest precedence first: the defaults; the
-configuration file (``config_file``, else ``$CALCNODE_CONFIG``) and then its drop-ins
-``conf.d/*.toml`` in sorted order; the environment (``CALCNODE_<SECTION>__<KEY>``,
-``CALCNODE_DESTINATIONS`` as JSON); command-line ``overrides`` (``{"node.port": 104}``).
-
-:class:`Settings` is a pydantic-settings ``BaseSettings`` whose ``settings_customise_sources``
-returns these layers as sources (the init arguments, an ``EnvSettingsSource`` with
-``env_nested_delimiter="__"``, a ``TomlConfigSettingsSource``); pydantic-settings merges
-them (tables key by key; ``destinations``, a list, replaced whole by the last layer
-setting it) and the models validate (strict types, ``Annotated`` constraints,
-``extra="forbid"``). Added here: where a bad value came from (file and section,
-variable, override) in :class:`node.errors.ConfigError`; "did you mean" for unknown
-names; relative paths resolved against the file naming them; text parsed for the
-environment and the command line; :func:`dump_toml` (tomli-w).
+The frozen pydantic models below are the one source of truth; ``config/calcnode.toml``
+lists every key with the same defaults (a test keeps the two equal). :func:`load_settings`
+layers, lowest precedence first: the defaults; the file (``config_file``, else
+``$CALCNODE_CONFIG``) and its drop-ins ``conf.d/*.toml`` in sorted order; the environment
+(``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS`` as JSON); the command-line
+``overrides`` (``{"node.port": 104}``). These are the pydantic-settings sources of
+:class:`Settings` (``settings_customise_sources``); pydantic-settings merges them (tables
+key by key, the ``destinations`` list as a whole) and the models validate. Added here:
+the origin of a bad value (file and section, variable, override) and a "did you mean"
+in :class:`node.errors.ConfigError`, relative paths resolved against the file naming
+them, text parsed by type, and :func:`dump_toml` (tomli-w).
 
 See Also
 --------
 docs/configuration.md : every key, the layers, the error messages.
-docs/conformance.md : what the ``[node]`` limits refuse, and with which DICOM status.
+docs/conformance.md : what the ``[node]`` limits refuse, with which DICOM status.
 """
 
 from __future__ import annotations
@@ -34,11 +29,10 @@ import logging
 import os
 import re
 import tomllib
-import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, get_args, get_origin
 
 import tomli_w
 from pydantic import (
@@ -67,31 +61,12 @@ from pydantic_settings import (
 
 from node.errors import ConfigError
 
-__all__ = [
-    "AE_TITLE_MAX_LENGTH",
-    "DEFAULT_CONFIG_PATH",
-    "DEVICE_PATTERN",
-    "ENV_CONFIG",
-    "ENV_DESTINATIONS",
-    "ENV_PREFIX",
-    "OUTPUT_KINDS",
-    "DestinationSettings",
-    "LoggingSettings",
-    "ModelSettings",
-    "NodeSettings",
-    "OutputSettings",
-    "SchedulerSettings",
-    "SendSettings",
-    "Settings",
-    "StorageSettings",
-    "StudySettings",
-    "TLSSettings",
-    "WorkerSettings",
-    "default_config_text",
-    "dump_toml",
-    "load_settings",
-    "log_effective_settings",
-]
+__all__ = ["AE_TITLE_MAX_LENGTH", "DEFAULT_CONFIG_PATH", "DEVICE_PATTERN", "ENV_CONFIG"]
+__all__ += ["ENV_DESTINATIONS", "ENV_PREFIX", "OUTPUT_KINDS", "DestinationSettings"]
+__all__ += ["LoggingSettings", "ModelSettings", "NodeSettings", "OutputSettings"]
+__all__ += ["SchedulerSettings", "SendSettings", "Settings", "StorageSettings", "StudySettings"]
+__all__ += ["TLSSettings", "WorkerSettings", "default_config_text", "dump_toml", "load_settings"]
+__all__ += ["log_effective_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,26 +76,20 @@ OUTPUT_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr", "seg", "gsps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 AE_TITLE_MAX_LENGTH = 16
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-#: Values of ``model.operating_point``.
-OPERATING_POINTS = ("calibrated", "all")
+OPERATING_POINTS = ("calibrated", "all")  #: values of ``model.operating_point``
 ENV_PREFIX = "CALCNODE_"
-#: Names the configuration file when ``load_settings`` gets none.
-ENV_CONFIG = "CALCNODE_CONFIG"
-#: The destinations as a JSON array of objects (``[{"name": …, "ae_title": …}]``).
-ENV_DESTINATIONS = "CALCNODE_DESTINATIONS"
+ENV_CONFIG = "CALCNODE_CONFIG"  #: names the file when ``load_settings`` gets none
+ENV_DESTINATIONS = "CALCNODE_DESTINATIONS"  #: ``[{"name": …, "ae_title": …}, …]``
 _SOURCE_TREE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "calcnode.toml"
 #: ``config/calcnode.toml`` when running from a source tree, else ``None``.
 DEFAULT_CONFIG_PATH: Path | None = _SOURCE_TREE_CONFIG if _SOURCE_TREE_CONFIG.is_file() else None
-
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+#: ``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``.
+_redact_url = functools.partial(re.compile(r"(://[^:/@]*:)[^@/]*@").sub, r"\1***@")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 # --------------------------------------------------------------------------- value types
-def _check(ok: Callable[[Any], bool], problem: str) -> AfterValidator:
+def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
     """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``."""
 
     def check(value: Any) -> Any:
@@ -128,7 +97,7 @@ def _check(ok: Callable[[Any], bool], problem: str) -> AfterValidator:
             raise ValueError(problem.format(v=value))
         return value
 
-    return AfterValidator(check)
+    return mode(check)
 
 
 def _ae_title(value: str) -> str:
@@ -144,23 +113,19 @@ def _ae_title(value: str) -> str:
     return value
 
 
-def _is_host(value: str) -> bool:
+def _parses(parse: Callable[[str], object], value: str) -> bool:
     try:
-        return bool(ipaddress.ip_address(value))
-    except ValueError:
-        return _HOSTNAME.fullmatch(value) is not None
-
-
-def _is_network(value: str) -> bool:
-    try:
-        return bool(ipaddress.ip_network(value, strict=False))
+        return parse(value) is not None
     except ValueError:
         return False
 
 
+def _is_host(value: str) -> bool:
+    return _parses(ipaddress.ip_address, value) or bool(_HOSTNAME.fullmatch(value[:254]))
+
+
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
-    unknown = [k for k in kinds if k not in allowed]
-    if unknown:
+    if unknown := [k for k in kinds if k not in allowed]:
         raise ValueError(f"unknown output kind {unknown[0]!r}; choose from {', '.join(allowed)}")
     if duplicates := sorted({k for k in kinds if kinds.count(k) > 1}):
         raise ValueError(f"lists {duplicates[0]!r} more than once")
@@ -172,46 +137,38 @@ def _invalid(field: str | tuple[str | int, ...], problem: str) -> PydanticCustom
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
-def _not_empty(value: Any) -> Any:
-    if value == "":
-        raise ValueError("must not be empty")
-    return value
-
-
-def _redact_url(url: str) -> str:
-    return _URL_PASSWORD.sub(r"\1***@", url)
-
-
+_NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
+_NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
+_PORT = "must be a TCP port between 1 and 65535, got {v}"
+_LEVEL = f"must be one of {', '.join(LOG_LEVELS)}, got {{v!r}}"
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 Host = Annotated[str, _check(_is_host, "must be an IP address or a host name, got {v!r}")]
-Port = Annotated[
-    int, _check(lambda v: 1 <= v <= 65535, "must be a TCP port between 1 and 65535, got {v}")
+Port = Annotated[int, _check(range(1, 65536).__contains__, _PORT)]
+_Network = Annotated[str, _check(functools.partial(_parses, ipaddress.ip_network), _NETWORK)]
+_Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
+_Device = Annotated[
+    str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N, got {v!r}")
 ]
-# Lists: a TOML array or a Python list or tuple; from text, JSON or comma-separated
+_OperatingPoint = Annotated[
+    str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all, got {v!r}")
+]
+# Lists: a TOML array or a Python list or tuple; as text, JSON or comma-separated
 # (NoDecode: _from_text parses it, not pydantic-settings).
-_Network = Annotated[
-    str, _check(_is_network, "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}")
-]
 _AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
 _Networks = Annotated[tuple[_Network, ...], Field(strict=False), NoDecode]
 _Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
-# Paths: text, ``~`` expanded; "" is none for an optional path, an error otherwise.
-_Path = Annotated[
-    Path, Field(strict=False), BeforeValidator(_not_empty), AfterValidator(Path.expanduser)
-]
-_OptionalPath = Annotated[
-    Path | None,
-    Field(strict=False),
-    BeforeValidator(lambda v: None if v == "" else v),
-    AfterValidator(lambda p: p and p.expanduser()),
-]
+# Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
+_NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
+_Path = Annotated[Path, Field(strict=False), _NotEmpty, AfterValidator(Path.expanduser)]
+_NoneIfEmpty = BeforeValidator(lambda v: None if v == "" else v)
+_Expand = AfterValidator(lambda p: p and p.expanduser())
+_OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
 _AtLeast0 = Annotated[int, Field(ge=0)]
 _AtLeast1 = Annotated[int, Field(ge=1)]
 _NotNegative = Annotated[float, Field(ge=0)]
 _Positive = Annotated[float, Field(gt=0)]
 _Level = Annotated[
-    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    str, _check(lambda v: v.upper() in LOG_LEVELS, _LEVEL), AfterValidator(str.upper)
 ]
 
 
@@ -226,23 +183,19 @@ class _FieldTypeError(_FieldError, TypeError):
 
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
 _TYPES |= {"tuple": "a list of strings", "path": "a path string", "model": "a table"}
+Loc = tuple[str | int, ...]
 
 
-def _loc(error: Mapping[str, Any]) -> tuple[str | int, ...]:
+def _loc(error: Mapping[str, Any]) -> Loc:
     """Where pydantic found the error, plus the field a cross-field check names."""
     field = error.get("ctx", {}).get("field", ())
     return (*error["loc"], *(field if isinstance(field, tuple) else (field,)))
 
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    """``node.tls.cert_file``, ``destinations[1].name`` (indices of strings dropped)."""
-    text = ""
-    for index, part in enumerate(loc):
-        if isinstance(part, str):
-            text += f".{part}" if text else part
-        elif loc[index - 1] == "destinations":
-            text += f"[{part}]"
-    return text
+def _dotted(loc: Iterable[str | int]) -> str:
+    """``node.tls.cert_file``, ``destinations[1].name`` (indices into strings dropped)."""
+    text = re.sub(r"^destinations\.(\d+)", r"destinations[\1]", ".".join(map(str, loc)))
+    return re.sub(r"\.\d+", "", text)
 
 
 def _problem(error: Mapping[str, Any]) -> str:
@@ -253,9 +206,9 @@ def _problem(error: Mapping[str, Any]) -> str:
         return str(ctx["error"] if kind == "value_error" else error["msg"])
     if isinstance(got, Mapping) and base != "model":
         return "is a setting, not a table"
+    if base == "string" and isinstance(error["loc"][-1], int):
+        return f"must be a list of strings, contains {got!r}"
     if base in _TYPES and kind != base:
-        if base == "string" and isinstance(error["loc"][-1], int):
-            return f"must be a list of strings, contains {got!r}"
         return f"must be {_TYPES[base]}, got {got!r}"
     if kind in ("greater_than_equal", "greater_than"):
         relation, bound = ("at least", ctx["ge"]) if "ge" in ctx else ("greater than", ctx["gt"])
@@ -286,11 +239,7 @@ class _Section(BaseModel):
 
 
 class TLSSettings(_Section):
-    """``[node.tls]``: DICOM over TLS (PS3.15 B.1) on ``node.port``; off by default.
-
-    ``cert_file`` and ``key_file`` are required when enabled; ``require_client_cert``
-    (mutual TLS) needs ``enabled`` and ``ca_file``.
-    """
+    """``[node.tls]``: DICOM over TLS (PS3.15 B.1) on ``node.port``; off by default."""
 
     enabled: bool = False
     cert_file: _OptionalPath = None
@@ -311,11 +260,11 @@ class TLSSettings(_Section):
 
 
 class NodeSettings(_Section):
-    """``[node]``: the listening DICOM node (C-STORE / C-ECHO SCP) and what a peer may cost.
+    """``[node]``: the listening DICOM node (C-STORE / C-ECHO SCP), what a peer may cost.
 
-    The limits ``associations_per_host``, ``handshake_timeout_seconds``,
-    ``max_instance_mb`` and ``max_inflated_mb`` are those of
-    :class:`node.server.ServerLimits` and :class:`node.scp.StorageSCP` (sizes in MiB).
+    ``associations_per_host``, ``handshake_timeout_seconds``, ``max_instance_mb`` and
+    ``max_inflated_mb`` (MiB) feed :class:`node.server.ServerLimits` and
+    :class:`node.scp.StorageSCP`.
     """
 
     ae_title: AETitle = "CALCNODE"
@@ -341,11 +290,7 @@ class NodeSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """``[storage]``: the file store and the job database.
-
-    An empty ``database_url`` becomes ``sqlite:///<root>/calcnode.db``: the field
-    always holds the effective URL.
-    """
+    """``[storage]``; an empty ``database_url`` becomes ``sqlite:///<root>/calcnode.db``."""
 
     root: _Path = Path("/var/lib/calcnode")
     database_url: str = Field(default="", validate_default=True)
@@ -355,14 +300,12 @@ class StorageSettings(_Section):
     @field_validator("database_url")
     @classmethod
     def _effective_url(cls, url: str, info: ValidationInfo) -> str:
-        if not url and "root" in info.data:
-            return f"sqlite:///{info.data['root']}/calcnode.db"
         if url and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
+            example = "sqlite:////var/lib/calcnode/calcnode.db"
             raise ValueError(
-                "must be an SQLAlchemy URL such as sqlite:////var/lib/calcnode/calcnode.db, "
-                f"got {_redact_url(url)!r}"
+                f"must be an SQLAlchemy URL such as {example}, got {_redact_url(url)!r}"
             )
-        return url
+        return url or f"sqlite:///{info.data.get('root')}/calcnode.db"
 
 
 class StudySettings(_Section):
@@ -372,26 +315,16 @@ class StudySettings(_Section):
 
 
 class OutputSettings(_Section):
-    """``[outputs]``: which of :data:`OUTPUT_KINDS` to create, SNOMED CT or legacy SRT codes."""
+    """``[outputs]``: which of :data:`OUTPUT_KINDS` to create; legacy SRT codes or not."""
 
     kinds: Annotated[_Kinds, _check(bool, "needs at least one output kind")] = OUTPUT_KINDS
     legacy_srt_codes: bool = False
 
 
 class DestinationSettings(_Section):
-    """``[[destinations]]``: a peer that receives our results by C-STORE.
+    """``[[destinations]]``: a peer for our results; ``kinds`` empty = ``outputs.kinds``."""
 
-    ``kinds`` empty: every kind of ``outputs.kinds``.
-    """
-
-    name: Annotated[
-        str,
-        _check(
-            re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch,
-            "must be 1–64 letters, digits, '_', '.' or '-' starting with a letter or digit, "
-            "got {v!r}",
-        ),
-    ]
+    name: _Name
     ae_title: AETitle
     host: Host
     port: Port = 104
@@ -402,13 +335,9 @@ class ModelSettings(_Section):
     """``[model]``: the detector's weights (``None``: the bundled ones) and where it runs."""
 
     path: _OptionalPath = None
-    device: Annotated[
-        str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N, got {v!r}")
-    ] = "auto"
+    device: _Device = "auto"
     torch_threads: _AtLeast0 = 0
-    operating_point: Annotated[
-        str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all, got {v!r}")
-    ] = "calibrated"
+    operating_point: _OperatingPoint = "calibrated"
     max_findings: _AtLeast0 = 0
 
 
@@ -433,11 +362,8 @@ class SendSettings(_Section):
     @model_validator(mode="after")
     def _ordered(self) -> SendSettings:
         if self.retry_max_seconds < self.retry_initial_seconds:
-            raise _invalid(
-                "retry_max_seconds",
-                f"must be at least retry_initial_seconds ({self.retry_initial_seconds:g}), "
-                f"got {self.retry_max_seconds:g}",
-            )
+            at_least = f"must be at least retry_initial_seconds ({self.retry_initial_seconds:g})"
+            raise _invalid("retry_max_seconds", f"{at_least}, got {self.retry_max_seconds:g}")
         return self
 
 
@@ -451,7 +377,7 @@ class SchedulerSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    """``[logging]``: calcnode's level, and pynetdicom's (it logs patient data below WARNING)."""
+    """``[logging]``: calcnode's level; pynetdicom's (it logs patient data below WARNING)."""
 
     level: _Level = "INFO"
     pynetdicom_level: _Level = "WARNING"
@@ -501,9 +427,8 @@ class Settings(BaseSettings):
     def _objects(cls, value: Any, info: ValidationInfo) -> Any:
         section = _model_of(cls.model_fields[str(info.field_name)])
         if _REQUEST.get() is None and section is not None and not isinstance(value, section):
-            raise TypeError(
-                f"{info.field_name}: must be a {section.__name__}, got {type(value).__name__}"
-            )
+            got = type(value).__name__
+            raise TypeError(f"{info.field_name}: must be a {section.__name__}, got {got}")
         return value
 
     @model_validator(mode="after")
@@ -511,9 +436,8 @@ class Settings(BaseSettings):
         names = [d.name for d in self.destinations]
         for index, dest in enumerate(self.destinations):
             if dest.name in names[:index]:
-                raise _invalid(
-                    ("destinations", index, "name"), f"duplicate destination name {dest.name!r}"
-                )
+                problem = f"duplicate destination name {dest.name!r}"
+                raise _invalid(("destinations", index, "name"), problem)
             try:
                 _kinds(dest.kinds, self.outputs.kinds)
             except ValueError as exc:
@@ -524,11 +448,6 @@ class Settings(BaseSettings):
     def model_post_init(self, context: Any, /) -> None:
         if (request := _REQUEST.get()) is not None:
             self._sources = request.sources
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not name.startswith("_"):
-            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-        super().__setattr__(name, value)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.__dict__ == other.__dict__
@@ -547,121 +466,103 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
     def redacted(self) -> dict[str, Any]:
-        """:meth:`as_dict` with a password in ``storage.database_url`` masked (no other secrets)."""
+        """:meth:`as_dict` with a password in ``storage.database_url`` masked (no other secret)."""
         data = self.as_dict()
         data["storage"]["database_url"] = _redact_url(data["storage"]["database_url"])
         return data
 
 
 # --------------------------------------------------------------------------- loading
+Key = tuple[str, ...]
+_Converter = Callable[[FieldInfo, Any, Loc], Any]
+_EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
+
+
 def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | None:
     """The model of a table field (``node``), or with ``items`` of a list of tables."""
     hint = field.annotation
     if items:
-        args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
-        hint = args[0] if args else None
+        hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else None
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-def _convert(
-    cls: type[BaseModel], table: Mapping[str, Any], convert: Callable[..., Any], loc: tuple = ()
-) -> dict[str, Any]:
+def _convert(cls: type[BaseModel], table: Any, convert: _Converter, loc: Loc = ()) -> Any:
     """``table`` with ``convert(field, value, loc)`` applied to the value of each setting."""
+    if not isinstance(table, Mapping):
+        return table  # not a table where one belongs: pydantic says so
     out = dict(table)
     for key, value in table.items():
         if (field := cls.model_fields.get(key)) is None:
             continue  # unknown: pydantic says so
         if (section := _model_of(field)) is not None:
-            out[key] = (
-                _convert(section, value, convert, (*loc, key))
-                if isinstance(value, Mapping)
-                else value
-            )
+            out[key] = _convert(section, value, convert, (*loc, key))
             continue
         out[key] = value = convert(field, value, (*loc, key))
         if (item := _model_of(field, items=True)) is not None and isinstance(value, list | tuple):
-            out[key] = [
-                _convert(item, v, convert, (*loc, key, i)) if isinstance(v, Mapping) else v
-                for i, v in enumerate(value)
-            ]
+            out[key] = [_convert(item, v, convert, (*loc, key, i)) for i, v in enumerate(value)]
     return out
 
 
-def _resolve(value: Any, base: Path | None) -> Any:
-    """Expand ``~``; make a relative path absolute (against the file's folder, or cwd)."""
-    if not isinstance(value, str | os.PathLike) or not value:
+def _resolve(field: FieldInfo, value: Any, base: Path | None) -> Any:
+    """A path setting with ``~`` expanded, relative to ``base`` (the file's folder) or cwd."""
+    if field.annotation not in (Path, Path | None) or not isinstance(value, str | os.PathLike):
         return value
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base or Path.cwd()) / path)
+    return str(path if path.is_absolute() else (base or Path.cwd()) / path) if str(value) else ""
 
 
-def _is_path(field: FieldInfo) -> bool:
-    return field.annotation in (Path, Path | None)
-
-
-#: How text from the environment or the command line becomes a number or a boolean.
-_FROM_TEXT: dict[Any, TypeAdapter[Any]] = {t: TypeAdapter(t) for t in (int, float, bool)}
-
-
-def _from_text(field: FieldInfo, value: Any, loc: tuple, origin: str) -> Any:
-    """An environment or command-line value for ``field``: text parsed, a path resolved.
+def _from_text(field: FieldInfo, value: Any, loc: Loc, describe: Callable[[Loc], str]) -> Any:
+    """An environment or command-line value: text parsed for the field, a path resolved.
 
     Scalars by pydantic's lax parsing (``"yes"`` → True); lists as a JSON array or
     comma-separated; ``destinations`` as a JSON array of objects.
     """
-    if _is_path(field):
-        return _resolve(value, None)
-    if not isinstance(value, str) or field.annotation is str:
-        return value
-    key, text, tables = _dotted(loc), value.strip(), _model_of(field, items=True) is not None
+    hint, tables = field.annotation, _model_of(field, items=True) is not None
+    if not isinstance(value, str) or hint in (str, Path, Path | None):
+        return _resolve(field, value, None)
+    text, origin = value.strip(), describe(loc)
     try:
-        if tables or (typing.get_origin(field.annotation) is tuple and text.startswith("[")):
+        if tables or (get_origin(hint) is tuple and text.startswith("[")):
             parsed = json.loads(text)
-            if tables and not (
-                isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)
-            ):
-                example = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
-                raise ConfigError(f"{origin}: must be a JSON array of objects such as {example}")
-            return parsed
-        if typing.get_origin(field.annotation) is tuple:
+        elif get_origin(hint) is tuple:
             return [part.strip() for part in text.split(",") if part.strip()]
-        adapter = _FROM_TEXT.get(field.annotation)
-        return value if adapter is None else adapter.validate_python(text)
+        else:
+            return TypeAdapter(hint).validate_python(text) if hint in (int, float, bool) else value
     except json.JSONDecodeError as exc:
-        what = (
-            f"{origin}: not a valid JSON array of objects"
-            if tables
-            else f"{key}: is not a valid JSON array"
-        )
-        raise ConfigError(f"{what}: {exc}" + ("" if tables else f" ({origin})")) from None
+        raise ConfigError(
+            f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
+        ) from None
     except ValidationError as exc:
-        raise ConfigError(f"{key}: {_problem(exc.errors()[0])} ({origin})") from None
+        raise ConfigError(f"{_dotted(loc)}: {_problem(exc.errors()[0])} ({origin})") from None
+    if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
+        raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
+    return parsed
 
 
-def _flatten(table: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
+    """``(key, value)`` of every setting in a nested table (key: ``("node", "port")``)."""
     for key, value in table.items():
         if isinstance(value, Mapping) and value:
             yield from _flatten(value, (*prefix, key))
         else:
-            yield (*prefix, key)
+            yield (*prefix, key), value
 
 
-def _env_name(loc: tuple) -> str:
+def _env_name(loc: Loc) -> str:
     if loc[:1] == ("destinations",):
         return ENV_DESTINATIONS
-    return ENV_PREFIX + "__".join(str(k) for k in loc).upper()
+    return ENV_PREFIX + "__".join(map(str, loc)).upper()
 
 
-def _env_names(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[str]:
-    """Every ``CALCNODE_…`` variable that names a setting."""
-    names = []
-    for name, field in cls.model_fields.items():
-        sub = _model_of(field)
-        names += _env_names(sub, (*prefix, name)) if sub else [_env_name((*prefix, name))]
-    return names
+def _env_origin(loc: Loc) -> str:
+    return f"environment variable {_env_name(loc)}"
 
 
-def _hint(word: str, choices: typing.Iterable[str]) -> str:
+def _override_origin(loc: Loc) -> str:
+    return f"command-line override {_dotted(loc)}"
+
+
+def _hint(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -669,34 +570,22 @@ def _hint(word: str, choices: typing.Iterable[str]) -> str:
 class _Request:
     """One :func:`load_settings` call: its inputs, and where each key came from.
 
-    ``origins`` maps a key (``("node", "port")``) to its origin, the highest layer first:
-    the sources record what they read as pydantic-settings calls them, highest first.
+    The sources record what they read as pydantic-settings calls them, highest layer
+    first, so the first origin recorded for a key is the one that counts.
     """
 
-    def __init__(self, files: list[Path], environ: Mapping[str, str], overrides: Mapping) -> None:
-        self.files, self.origins = files, dict[tuple[str, ...], str]()
-        self.environ = {
-            k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG
-        }
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            for part in reversed(str(key).split(".")):
-                value = {part: value}
-            _merge(nested, value, str(key))
+    def __init__(self, files: list[Path], environ: dict[str, str], overrides: dict) -> None:
+        self.files, self.environ, self.overrides = files, environ, overrides
+        self.origins: dict[Key, str] = {}
+        flags = (f"--{'.'.join(key)}" for key, _ in _flatten(overrides))
+        self.sources = (*map(str, files), *sorted(environ), *flags)
+        self.record(overrides, _override_origin)
 
-        def parse(field: FieldInfo, value: Any, loc: tuple) -> Any:
-            return _from_text(field, value, loc, f"command-line override {_dotted(loc)}")
-
-        self.overrides = _convert(Settings, nested, parse)
-        self.record(self.overrides, lambda k: f"command-line override {'.'.join(k)}")
-        flags = [f"--{'.'.join(k)}" for k in _flatten(self.overrides)]
-        self.sources = (*map(str, files), *sorted(self.environ), *flags)
-
-    def record(self, table: Mapping[str, Any], describe: Callable[[tuple[str, ...]], str]) -> None:
-        for key in _flatten(table):
+    def record(self, table: Mapping[str, Any], describe: Callable[[Key], str]) -> None:
+        for key, _ in _flatten(table):
             self.origins.setdefault(key, describe(key))
 
-    def origin(self, loc: tuple[str | int, ...]) -> str:
+    def origin(self, loc: Loc) -> str:
         """Where the value at ``loc`` came from: its key, else a key of its table."""
         keys = tuple(p for p in loc if isinstance(p, str))
         keys = keys[:1] if keys[:1] == ("destinations",) else keys
@@ -705,19 +594,6 @@ class _Request:
                 if matches(key):
                     return origin
         return "the built-in default"
-
-
-def _merge(target: dict[str, Any], update: Mapping[str, Any], key: str) -> None:
-    """Merge one nested override into ``target``; ``None`` is an option not given."""
-    for name, value in update.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping) and isinstance(target.get(name, {}), dict):
-            _merge(target.setdefault(name, {}), value, key)
-        elif name in target:
-            raise ConfigError(f"command-line override {key}: conflicts with another override")
-        else:
-            target[name] = value
 
 
 class _Files(TomlConfigSettingsSource):
@@ -731,17 +607,13 @@ class _Files(TomlConfigSettingsSource):
         path = Path(file_path)
         try:
             data = super()._read_file(path)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(
-                f"{path}: cannot read the configuration file: {exc.strerror}"
-            ) from None
-        data = _convert(
-            Settings, data, lambda f, v, _: _resolve(v, path.parent) if _is_path(f) else v
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
+            raise ConfigError(f"{path}: {what}: {exc}") from None
+        self._read.append(
+            (path, _convert(Settings, data, lambda f, v, _: _resolve(f, v, path.parent)))
         )
-        self._read.append((path, data))
-        return data
+        return self._read[-1][1]
 
     def __call__(self) -> dict[str, Any]:
         for path, data in reversed(self._read):  # a later drop-in wins
@@ -749,7 +621,7 @@ class _Files(TomlConfigSettingsSource):
         return self.toml_data  # as read: InitSettingsSource would match names case-insensitively
 
     @staticmethod
-    def _origin(path: Path, keys: tuple[str, ...]) -> str:
+    def _origin(path: Path, keys: Key) -> str:
         return f"from {path}" + (f", section [{'.'.join(keys[:-1])}]" if keys[1:] else "")
 
 
@@ -764,7 +636,8 @@ class _Environment(EnvSettingsSource):
         return {name.lower(): value for name, value in self._request.environ.items()}
 
     def __call__(self) -> dict[str, Any]:
-        valid = [ENV_CONFIG, *_env_names(Settings)]
+        defaults = Settings.model_construct().model_dump()
+        valid = [ENV_CONFIG, *(_env_name(key) for key, _ in _flatten(defaults))]
         for name in sorted(set(self._request.environ) - set(valid)):
             parts = name[len(ENV_PREFIX) :].lower().split("__")
             what = f"no such setting {'.'.join(parts)}"
@@ -776,12 +649,9 @@ class _Environment(EnvSettingsSource):
                 f"unknown environment variable {name}: {what}{_hint(name, valid)}. Settings "
                 f"are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
             )
-        data = _convert(
-            Settings,
-            super().__call__(),
-            lambda f, v, loc: _from_text(f, v, loc, f"environment variable {_env_name(loc)}"),
-        )
-        self._request.record(data, lambda k: f"environment variable {_env_name(k)}")
+        parse = functools.partial(_from_text, describe=_env_origin)
+        data = _convert(Settings, super().__call__(), parse)
+        self._request.record(data, _env_origin)
         return data
 
 
@@ -796,17 +666,30 @@ def _explain(error: Mapping[str, Any], request: _Request) -> str:
         cls: type[BaseModel] = Settings
         for part in (p for p in table if isinstance(p, str)):
             cls = _model_of(field := cls.model_fields[part]) or _model_of(field, items=True) or cls
-        where = f" in {_dotted(tuple(table))}" if any(isinstance(p, int) for p in table) else ""
+        where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
         hint, known = _hint(str(name), cls.model_fields), ", ".join(cls.model_fields)
         return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
     if kind == "missing":
         return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
     if loc[:1] == ("destinations",) and kind == "model_type":
-        got = error["input"]
-        return (
-            f"destinations: must be an array of tables ([[destinations]]), got {got!r} ({origin})"
-        )
+        got = f"got {error['input']!r} ({origin})"
+        return f"destinations: must be an array of tables ([[destinations]]), {got}"
     return f"{_dotted(loc)}: {_problem(error)} ({origin})"
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted and nested overrides as one nested table; ``None`` is an option not given."""
+    nested: dict[str, Any] = {}
+    for key, value in _flatten({k: v for k, v in overrides.items() if v is not None}):
+        *parents, last = (part for dotted in key for part in dotted.split("."))
+        table = nested
+        for part in parents:
+            table = table.setdefault(part, {}) if isinstance(table, dict) else table
+        if not isinstance(table, dict) or isinstance(table.get(last), dict):
+            raise ConfigError(f"command-line override {'.'.join(key)}: conflicts with another")
+        if value is not None:
+            table[last] = value
+    return nested
 
 
 _REQUEST: ContextVar[_Request | None] = ContextVar("calcnode_settings_request", default=None)
@@ -818,21 +701,18 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Load, merge and validate the configuration.
+    """Load, merge and validate the configuration (the layers: see the module docstring).
 
     Parameters
     ----------
     config_file : str or path-like, optional
-        The TOML file; when omitted, ``$CALCNODE_CONFIG`` if set, else none (defaults
-        only). Drop-ins ``conf.d/*.toml`` next to the file are applied after it, in
-        sorted order. A relative path *inside* a file is relative to that file's folder.
+        The TOML file; default ``$CALCNODE_CONFIG``, else none. Its drop-ins
+        ``conf.d/*.toml`` follow it; a relative path in a file is relative to its folder.
     environ : mapping, optional
-        The environment to read ``CALCNODE_*`` variables from; default ``os.environ``.
-        Pass ``{}`` to ignore the environment (tests).
+        Where ``CALCNODE_*`` variables are read; default ``os.environ``, ``{}`` for none.
     overrides : mapping, optional
-        Command-line values: dotted keys (``{"node.port": 11113}``) or nested tables
-        (``{"node": {"port": 11113}}``); strings are parsed like environment values;
-        ``None`` values are skipped (an option that was not given).
+        Command-line values by dotted key (``{"node.port": "104"}``) or nested table;
+        strings are parsed like environment values; ``None`` is an option not given.
 
     Returns
     -------
@@ -842,11 +722,11 @@ def load_settings(
     Raises
     ------
     ConfigError
-        A missing explicit file, invalid TOML, an unknown section/key/variable, a wrong
-        type or an invalid value; the message names the key and its source.
+        A missing file, invalid TOML, an unknown name, a wrong type or value; the
+        message names the key and where its value came from.
     """
     env = os.environ if environ is None else environ
-    config_file = env.get(ENV_CONFIG) or None if config_file is None else config_file
+    config_file = (env.get(ENV_CONFIG) or None) if config_file is None else config_file
     files: list[Path] = []
     if config_file is not None:
         path = Path(config_file).expanduser()
@@ -854,7 +734,9 @@ def load_settings(
             reason = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"configuration file {path} {reason}")
         files = [path, *(p for p in sorted((path.parent / "conf.d").glob("*.toml")) if p.is_file())]
-    request = _Request(files, env, overrides or {})
+    variables = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG}
+    parse = functools.partial(_from_text, describe=_override_origin)
+    request = _Request(files, variables, _convert(Settings, _nest(overrides or {}), parse))
     token = _REQUEST.set(request)
     try:
         settings = Settings(**request.overrides)
@@ -862,15 +744,15 @@ def load_settings(
         raise ConfigError(_explain(exc.errors()[0], request)) from None
     finally:
         _REQUEST.reset(token)
-    # Files the node will open must exist: fail at start-up, not on first use.
-    tls = settings.node.tls
-    needed = [("model", "path")] + [
-        ("node", "tls", f) for f in ("cert_file", "key_file", "ca_file") if tls.enabled
-    ]
-    for loc in needed:
-        file = getattr(tls if loc[0] == "node" else settings.model, loc[-1])
+    tls = settings.node.tls  # the files the node will open: fail now, not on first use
+    needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
+    if tls.enabled:
+        needed |= {
+            ("node", "tls", n): getattr(tls, n) for n in ("cert_file", "key_file", "ca_file")
+        }
+    for key, file in needed.items():
         if file is not None and not file.is_file():
-            raise ConfigError(f"{'.'.join(loc)}: no such file {file} ({request.origin(loc)})")
+            raise ConfigError(f"{'.'.join(key)}: no such file {file} ({request.origin(key)})")
     return settings
 
 
@@ -911,7 +793,5 @@ def default_config_text() -> str:
     """
     if DEFAULT_CONFIG_PATH is not None:
         return DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
-    return (
-        "# calcnode configuration: the built-in defaults "
-        "(see docs/configuration.md for every key).\n\n" + dump_toml(Settings())
-    )
+    header = "# calcnode configuration: the built-in defaults (docs/configuration.md: every key)."
+    return f"{header}\n\n{dump_toml(Settings())}"
