@@ -117,9 +117,9 @@ def phantom_paths(data: Path, names: Sequence[str]) -> dict[str, Path]:
                 folder,
                 count=1,
                 seed=seed,
-                size=size,
+                size=size,  # type: ignore[arg-type]
                 vendors=(vendor,),
-                progress=False,  # type: ignore[arg-type]
+                progress=False,
             )
         out[name] = read_manifest(manifest)[0].path
     return out
