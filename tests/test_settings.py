@@ -629,7 +629,7 @@ def test_default_config_text_loads_to_the_defaults(tmp_path: Path) -> None:
 def test_default_config_text_without_the_file_renders_the_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # after a non-editable install without node/defaults/calcnode.toml
+    # an installed package: config/calcnode.toml is not part of it
     monkeypatch.setattr("node.settings.DEFAULT_CONFIG_PATH", None)
     text = default_config_text()
     assert text.startswith("# calcnode configuration")
