@@ -12,8 +12,8 @@ driven in Debian's headless Chromium through Playwright. Per view:
   overlap;
 * "Track measurements?" is offered; "Yes" lists every finding in the Measurements
   panel with its label, and clicking an entry shows its view;
-* the view's SEG paints the calcifications (coloured pixels on the canvas where the
-  detections are);
+* the view's SEG paints the calcifications in its Recommended Display CIELab colour
+  (saturated pixels of that hue on the canvas where the detections are, none far away);
 * no console error of the kinds OHIF showed before (``TypeError``, "No spatial
   coordinates group found", "not compatible", …).
 
@@ -25,6 +25,7 @@ x = column, y = row, pixel centres; SR graphic coordinates = detection + 0.5.
 
 from __future__ import annotations
 
+import colorsys
 import os
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from pydicom.dataset import Dataset
 from cascade.inference.detector import Detection, ImageDetections
 from cascade.inference.weights import ModelIdentity
 from node.reports.cad_sr import cluster_detections
+from node.reports.seg import SEGMENT_COLOR_RGB
 from node.scheduler import complete_studies
 from tests.factories import make_mg_dataset, synthetic_breast
 from tests.helpers import (
@@ -237,7 +239,8 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     artifacts = Path(os.environ.get("CALCNODE_OHIF_ARTIFACTS") or folder / "screenshots")
     artifacts.mkdir(parents=True, exist_ok=True)
     study_uid, views = process_study(folder)
-    orthanc = OrthancWebServer(folder / "orthanc").start()
+    orthanc = OrthancWebServer(folder / "orthanc")
+    orthanc.start()
     server: OhifServer | None = None
     try:
         uploaded: set[Path] = set()
@@ -353,6 +356,29 @@ class Page:
         self.context.close()
 
 
+def _pixel(image: Any, x: float, y: float) -> tuple[int, int, int]:
+    """The RGB value of a screenshot pixel (page coordinates)."""
+    r, g, b = image.getpixel((int(x), int(y)))[:3]
+    return int(r), int(g), int(b)
+
+
+def _saturation_hue(rgb: tuple[int, ...]) -> tuple[float, float]:
+    """HSV saturation (0–1) and hue (degrees) of a screenshot pixel."""
+    h, s, _ = colorsys.rgb_to_hsv(*(c / 255 for c in rgb[:3]))
+    return s, h * 360
+
+
+def _is_segment_colour(rgb: tuple[int, ...]) -> bool:
+    """Saturated (≥ 0.85) and within 15° of the hue of the SEG's display colour.
+
+    OHIF's fallback for a segment without a colour, (221, 84, 84), has a saturation of
+    0.62: it does not pass, so the SEG's own colour must have been used.
+    """
+    saturation, hue = _saturation_hue(rgb)
+    _, want = _saturation_hue(SEGMENT_COLOR_RGB)
+    return saturation >= 0.85 and min(abs(hue - want), 360 - abs(hue - want)) <= 15
+
+
 def _overlapping(boxes: list[tuple[str, float, float, float, float]]) -> list[tuple[str, str]]:
     out = []
     for i, (ta, l1, t1, r1, b1) in enumerate(boxes):
@@ -463,21 +489,22 @@ def test_each_seg_paints_its_calcifications_on_their_image(
         shot = page.screenshot(f"{view.label.replace(' ', '-')}-seg")
         image = Image.open(shot).convert("RGB")
         assert page.bad_console() == []
+        # The SEG's own colour was used (OHIF warns when it falls back to its own).
+        assert (
+            "RecommendedDisplayCIELabValue not found" not in page.page.locator("body").inner_text()
+        )
         for det in view.detections.detections:
             cx, cy, image_id = page.canvas_xy(det.x, det.y)
             assert str(view.image.SOPInstanceUID) in image_id
-            # A coloured (not grey) pixel within 3 px of the detection's centre.
-            box = [
-                image.getpixel((int(cx) + dx, int(cy) + dy))
-                for dx in range(-3, 4)
-                for dy in range(-3, 4)
-            ]
-            assert any(max(p) - min(p) > 40 for p in box), (det.x, det.y, box[:5])
+            # A pixel of the segment's colour (its hue, saturated) within 3 px of the
+            # detection's centre: a colour a reader notices, not a grey dot.
+            box = [_pixel(image, cx + dx, cy + dy) for dx in range(-3, 4) for dy in range(-3, 4)]
+            assert any(_is_segment_colour(p) for p in box), (det.x, det.y, box[:5])
         # And nothing coloured far from every detection (a flipped mask would be).
         far = [(40.0, 40.0), (float(COLUMNS - 40), float(ROWS - 40))]
         for x, y in far:
             cx, cy, _ = page.canvas_xy(x, y)
-            p = image.getpixel((int(cx), int(cy)))
-            assert max(p) - min(p) <= 40, (x, y, p)
+            p = _pixel(image, cx, cy)
+            assert _saturation_hue(p)[0] < 0.15, (x, y, p)
     finally:
         page.close()

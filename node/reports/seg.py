@@ -35,11 +35,28 @@ from node.reports.common import (
 )
 from node.reports.tid1500 import series_description
 
-__all__ = ["IDENTITY_ORIENTATION", "SEGMENT_LABEL", "build_seg", "image_orientation"]
+__all__ = [
+    "IDENTITY_ORIENTATION",
+    "SEGMENT_COLOR_LAB",
+    "SEGMENT_COLOR_RGB",
+    "SEGMENT_LABEL",
+    "build_seg",
+    "image_orientation",
+]
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_LABEL = "Calcification"
+
+#: The segment's Recommended Display CIELab Value: saturated red, sRGB (255, 0, 0), as
+#: (L*, a*, b*) under D65. Red, not the GSPS's yellow: the SEG paints the calcification
+#: pixels themselves, which are the brightest on a light grey breast, and yellow is nearly
+#: as light as they are; red differs from them in hue *and* lightness. A SEG without one
+#: is painted in the viewer's own colour (OHIF: its first label colour, with a "not found"
+#: warning).
+SEGMENT_COLOR_LAB = (53.24, 80.09, 67.20)
+#: :data:`SEGMENT_COLOR_LAB` in sRGB, what a viewer should paint.
+SEGMENT_COLOR_RGB = (255, 0, 0)
 
 _BREAST_REGION = {
     "L": hd.sr.CodedConcept("80248007", "SCT", "Left breast"),
@@ -138,6 +155,7 @@ def build_seg(
         # Laterality goes into the segment's anatomic region: dciodvfy refuses both
         # General Series Laterality and Frame Anatomy in a SEG.
         anatomic_regions=[_BREAST_REGION.get(laterality_of(source), _BREAST_REGION[""])],
+        display_color=hd.color.CIELabColor(*SEGMENT_COLOR_LAB),
     )
     kwargs: dict[str, Any] = {}
     charset = character_set_of(source)
