@@ -107,6 +107,14 @@ _CLAIMED_JOB = snapshot_columns(ClaimedJob, Job, job_id="id", size="size_bytes",
 # --------------------------------------------------------------------------- in a session
 
 
+def _lease_lost(job_id: int, worker_id: str, state: str, owner: str | None) -> LeaseLostError:
+    holder = owner if state == "running" else None
+    return LeaseLostError(
+        f"job {job_id} is no longer leased to worker {worker_id!r} "
+        f"(state {state}, lease holder {holder!r}): discard its result"
+    )
+
+
 def state_counts(s: Session) -> dict[str, int]:
     """Jobs per state (every state present, 0 when none)."""
     counts = dict.fromkeys(JOB_STATES, 0)
@@ -241,12 +249,29 @@ class Jobs(Intake):
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         if job.state != "running" or job.lease_owner != worker_id:
-            holder = job.lease_owner if job.state == "running" else None
-            raise LeaseLostError(
-                f"job {job_id} is no longer leased to worker {worker_id!r} "
-                f"(state {job.state}, lease holder {holder!r}): discard its result"
-            )
+            raise _lease_lost(job_id, worker_id, job.state, job.lease_owner)
         return job
+
+    def _update_owned(
+        self, s: Session, job_id: int, worker_id: str, values: dict[str, Any]
+    ) -> None:
+        """``values`` into a job the worker holds, in one conditional ``UPDATE`` (the
+        hot path: every completion, every heartbeat; atomic on both backends)."""
+        check_int("job_id", job_id, minimum=1)
+        check_text("worker_id", worker_id, max_chars=MAX_NAME_CHARS)
+        changed = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == "running", Job.lease_owner == worker_id)
+            .values(**values)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if changed is not None:
+            return
+        row = s.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).one_or_none()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        raise _lease_lost(job_id, worker_id, row.state, row.lease_owner)
 
     def extend_lease(
         self,
@@ -277,9 +302,8 @@ class Jobs(Intake):
         now = self._db.now(now)
         expires = now + dt.timedelta(seconds=lease)
         with self._db.transaction() as s:
-            job = self._owned(s, job_id, worker_id)
-            job.lease_expires_at = expires
-            job.updated_at = now
+            values = {"lease_expires_at": expires, "updated_at": now}
+            self._update_owned(s, job_id, worker_id, values)
         return expires
 
     def complete(
@@ -314,13 +338,16 @@ class Jobs(Intake):
         except (TypeError, ValueError) as exc:
             raise TypeError(f"result must be JSON-serialisable: {exc}") from exc
         now = self._db.now(now)
+        values = {
+            "state": "done",
+            "result": payload,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "last_error": cut_error(warning) if warning else None,
+            "updated_at": now,
+        }
         with self._db.transaction() as s:
-            job = self._owned(s, job_id, worker_id)
-            job.state = "done"
-            job.result = payload
-            job.lease_owner = job.lease_expires_at = None
-            job.last_error = cut_error(warning) if warning else None
-            job.updated_at = now
+            self._update_owned(s, job_id, worker_id, values)
         logger.info("job %d done by %s", job_id, worker_id)
 
     def fail(

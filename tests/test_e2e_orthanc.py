@@ -109,8 +109,16 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
             node.stop()
 
 
-def pair(tmp_path: Path, orthanc_factory: Any, tiny_model: Path, **kw: Any) -> tuple[Any, Any]:
-    """An Orthanc that knows calcnode, and calcnode settings that send to that Orthanc."""
+def pair(
+    tmp_path: Path,
+    orthanc_factory: Any,
+    tiny_model: Path,
+    *,
+    database_url: str | None = None,
+    **kw: Any,
+) -> tuple[Any, Any]:
+    """An Orthanc that knows calcnode, and calcnode settings that send to that Orthanc
+    (their database at ``database_url`` when given, else the store's SQLite file)."""
     node_port = free_port()
     orthanc: OrthancServer = orthanc_factory(
         modalities={"calcnode": ["CALCNODE", "127.0.0.1", node_port]}
@@ -126,6 +134,9 @@ def pair(tmp_path: Path, orthanc_factory: Any, tiny_model: Path, **kw: Any) -> t
         quiet_seconds=2.0,
         **kw,
     )
+    if database_url is not None:
+        storage = settings.storage.model_copy(update={"database_url": database_url})
+        settings = settings.model_copy(update={"storage": storage})
     return orthanc, settings
 
 
@@ -254,9 +265,17 @@ def test_orthanc_routes_a_phantom_study_and_receives_all_results(
 
 
 def test_results_reach_the_pacs_once_it_is_back_after_an_outage(
-    tmp_path: Path, orthanc_factory: Any, node_factory: Any, tiny_model: Path
+    tmp_path: Path, orthanc_factory: Any, node_factory: Any, tiny_model: Path, database_url: str
 ) -> None:
-    orthanc, settings = pair(tmp_path, orthanc_factory, tiny_model, send_retry_seconds=1.0)
+    # On both backends (the node's jobs, studies and send retries on PostgreSQL too);
+    # SQLite as configured by default (the store's calcnode.db).
+    orthanc, settings = pair(
+        tmp_path,
+        orthanc_factory,
+        tiny_model,
+        send_retry_seconds=1.0,
+        database_url=database_url if database_url.startswith("postgresql") else None,
+    )
     orthanc.start()
     node = node_factory(settings).start()
     ds = make_mg_dataset(seed=11)
