@@ -15,7 +15,9 @@ What it does, all on loopback and under ``DIR``:
 6. waits (bounded) until every study is reported and no send is pending;
 7. prints a summary per study — images, findings, objects received — and writes
    preview PNGs (detections yellow, phantom truth green) to ``DIR/previews/``;
-8. stops the node and the receiver.
+8. stops the node and the receiver, and says how to look at the results
+   (:func:`how_to_look`: where they are, the ``storescu`` command that stores them in a
+   PACS, which viewer shows which object; docs/viewing.md).
 
 Coordinates in the previews: detections in the received image's pixel grid, x = column,
 y = row, first pixel's CENTRE at (0, 0).
@@ -41,7 +43,7 @@ from pydicom.uid import (
 
 from node.errors import CalcnodeError
 
-__all__ = ["run_demo", "write_untrained_model"]
+__all__ = ["how_to_look", "run_demo", "write_untrained_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,23 @@ def _send_files(files: list[Path], *, port: int, called: str) -> int:
 DEMO_FOLDERS = ("phantoms", "node", "received", "previews", "untrained-model")
 #: File that marks a folder as the demo's own (only such a folder is ever cleared).
 DEMO_MARKER = ".calcnode-demo"
+
+
+def how_to_look(out: Path) -> str:
+    """The demo's closing words: where its results are and how to look at them."""
+    phantoms, received = out / "phantoms", out / "received"
+    return f"""
+How to look at the results (docs/viewing.md tells what each viewer shows):
+  the images the node got are in   {phantoms}/
+  what it sent back is in          {received}/<study>/ (SR-*: CAD SR and one
+                                   measurements SR per view with findings; SEG-*; PR-*: GSPS)
+  previews (detections yellow, phantom truth green) are in {out / "previews"}/
+  To read them in a viewer, store images and results in a PACS, e.g. an Orthanc with
+  the orthanc-dicomweb plugin listening on port 4242 (AE ORTHANC):
+    storescu -aec ORTHANC -R +sd +r +sp '*.dcm' localhost 4242 {phantoms} {received}
+  then open the study in OHIF (the measurements SR of each view, the SEGs), on a
+  mammography workstation (the CAD SR), or in any viewer that applies presentation
+  states (the GSPS). Research software, not for clinical use."""
 
 
 def run_demo(
@@ -371,7 +390,6 @@ def run_demo(
                 print(f"    preview {png}")
         if summary.get("sends", {}).get("failed"):
             print(f"  {summary['sends']['failed']} send(s) failed for good")
-        print(f"received objects are in {out / 'received'}")
         code = 0 if all_ok else 1
         if not all_ok:
             print("not every study got its CAD SR and TID 1500 SR in time")
@@ -380,4 +398,5 @@ def run_demo(
         stop.set()
         node.join(120)
         receiver.stop()
+    print(how_to_look(out))
     return code
