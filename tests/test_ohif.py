@@ -508,3 +508,202 @@ def test_each_seg_paints_its_calcifications_on_their_image(
             assert _saturation_hue(p)[0] < 0.15, (x, y, p)
     finally:
         page.close()
+
+
+# --------------------------------------------------------------------------- make demo
+#: A finished ``calcnode demo --out DIR`` folder (``make demo`` writes ``demo-out``): the
+#: opt-in check of the demo's study in OHIF. Unset, the test is skipped.
+DEMO_ENV = "CALCNODE_OHIF_DEMO"
+CAD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"
+TID1500_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _concept(item: Dataset) -> str:
+    seq = getattr(item, "ConceptNameCodeSequence", None)
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def cad_findings_per_image(cad: Dataset) -> dict[str, int]:
+    """Findings (clusters and isolated calcifications) per image UID, as the CAD SR lists
+    them: each Single Image Finding (111059) an Individual Impression/Recommendation
+    (111034) CONTAINS, placed on its image by its Center's SELECTED FROM reference into
+    the Image Library (111028)."""
+    root = list(cad.ContentSequence)
+    k, library = next((i, c) for i, c in enumerate(root, start=1) if _concept(c) == "111028")
+    images = [
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in library.ContentSequence
+    ]
+    counts = dict.fromkeys(images, 0)
+
+    def walk(items: list[Dataset]) -> None:
+        for item in items:
+            children = list(getattr(item, "ContentSequence", []))
+            if _concept(item) == "111034":
+                for finding in children:
+                    if _concept(finding) == "111059" and finding.RelationshipType == "CONTAINS":
+                        centre = next(c for c in finding.ContentSequence if _concept(c) == "111010")
+                        ref = [
+                            int(v)
+                            for v in centre.ContentSequence[0].ReferencedContentItemIdentifier
+                        ]
+                        assert ref[:2] == [1, k], ref
+                        counts[images[ref[2] - 1]] += 1
+            walk(children)
+
+    walk(root)
+    return counts
+
+
+def tid1500_groups(sr: Dataset) -> int:
+    """Measurement groups (125007) of a TID 1500 report: one per finding."""
+
+    def walk(items: list[Dataset]) -> int:
+        return sum(
+            int(_concept(i) == "125007") + walk(list(getattr(i, "ContentSequence", [])))
+            for i in items
+        )
+
+    return walk(list(sr.ContentSequence))
+
+
+@pytest.fixture(scope="module")
+def demo_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Viewer, Path]]:
+    """Orthanc holding a finished demo's phantoms and results, OHIF and Chromium."""
+    folder_env = os.environ.get(DEMO_ENV)
+    if not folder_env:
+        pytest.skip(f"set {DEMO_ENV} to a finished `calcnode demo --out DIR` folder (make demo)")
+    demo = Path(folder_env)
+    if not (demo / "received").is_dir():
+        pytest.skip(f"{demo} holds no demo results (received/)")
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    folder = tmp_path_factory.mktemp("ohif-demo")
+    artifacts = Path(os.environ.get("CALCNODE_OHIF_ARTIFACTS") or folder / "screenshots")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    files = sorted((demo / "phantoms").rglob("*.dcm")) + sorted((demo / "received").rglob("*.dcm"))
+    studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+    # The 4-view study (the demo groups its phantoms into studies of 2–4 views).
+    orthanc = OrthancWebServer(folder / "orthanc")
+    orthanc.start()
+    server: OhifServer | None = None
+    try:
+        for path in files:
+            orthanc.upload(path)
+        server = OhifServer(ohif_dist(), orthanc.http_port).start()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS), headless=True
+            )
+            try:
+                for study in sorted(studies):
+                    yield Viewer(study, [], orthanc, server, browser, artifacts), demo
+                    break  # one study per run: the demo's default makes one
+            finally:
+                browser.close()
+    finally:
+        if server is not None:
+            server.stop()
+        orthanc.stop()
+
+
+def test_the_demo_study_in_ohif_every_finding_reachable_tracked_and_readable(
+    demo_viewer: tuple[Viewer, Path],
+) -> None:
+    """Per view of the demo's study: OHIF draws, tracks and lists as many marks as the CAD
+    SR has findings there (clusters and isolated calcifications, from the bundled
+    detector), labels do not overlap at the default zoom, and the view's SEG paints in
+    its colour. A view without findings has no report and no SEG."""
+    viewer, demo = demo_viewer
+    headers = [
+        pydicom.dcmread(f, stop_before_pixels=True)
+        for f in sorted((demo / "received").rglob("*.dcm"))
+    ]
+    headers = [h for h in headers if str(h.StudyInstanceUID) == viewer.study_uid]
+    images = {
+        str(h.SOPInstanceUID): h
+        for h in (
+            pydicom.dcmread(f, stop_before_pixels=True) for f in (demo / "phantoms").rglob("*.dcm")
+        )
+        if str(h.StudyInstanceUID) == viewer.study_uid
+    }
+    (cad,) = [h for h in headers if str(h.SOPClassUID) == CAD_SR_CLASS]
+    expected = cad_findings_per_image(cad)
+    assert set(expected) == set(images)
+    reports = {
+        str(_referenced_images(h).intersection(images).pop()): h
+        for h in headers
+        if str(h.SOPClassUID) == TID1500_CLASS
+    }
+    segs = {
+        str(_referenced_images(h).intersection(images).pop()): h
+        for h in headers
+        if str(h.SOPClassUID) == SEG_CLASS
+    }
+    # Reports and SEGs exactly for the views with findings, one group per finding.
+    assert set(reports) == set(segs) == {uid for uid, n in expected.items() if n}
+    seen: dict[str, tuple[int, int, int, int]] = {}
+    for uid, report in sorted(reports.items(), key=lambda kv: str(kv[1].SeriesDescription)):
+        view = f"{images[uid].ImageLaterality} {images[uid].ViewPosition}"
+        findings = expected[uid]
+        assert tid1500_groups(report) == findings, view
+        page = Page(viewer)
+        try:
+            page.open_series(str(report.SeriesDescription).split(" (")[0])
+            yes = page.page.get_by_role("button", name="Yes")
+            yes.wait_for(timeout=30_000)
+            labels = page.wait_for_labels(findings)
+            overlaps = _overlapping(labels)
+            page.screenshot(f"demo-{view.replace(' ', '-')}-report")
+            yes.click()
+            page.page.wait_for_function(
+                "n => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+                ".filter(a => ['CircleROI','ArrowAnnotate'].includes(a.metadata.toolName))"
+                ".length >= n",
+                arg=findings,
+                timeout=30_000,
+            )
+            tracked = len(page.page.evaluate(_ANNOTATIONS))
+            page.page.click('[data-cy="trackedMeasurements-btn"]')
+            rows = page.page.locator('[data-cy="trackedMeasurements-panel"] [data-cy="data-row"]')
+            rows.first.wait_for(timeout=15_000)
+            listed = rows.count()
+            page.repaint()
+            page.screenshot(f"demo-{view.replace(' ', '-')}-tracked")
+            seen[view] = (findings, len(labels), tracked, listed)
+            print(
+                f"demo {view}: {findings} findings, {len(labels)} labelled marks, "
+                f"{tracked} tracked, {listed} listed, overlapping labels {overlaps}"
+            )
+            assert (len(labels), tracked, listed) == (findings, findings, findings), view
+            assert overlaps == [], (view, overlaps)
+            assert page.bad_console() == [], view
+        finally:
+            page.close()
+        page = Page(viewer)
+        try:
+            page.open_series(str(segs[uid].SeriesDescription).split(" (")[0])
+            yes = page.page.get_by_role("button", name="Yes")
+            yes.wait_for(timeout=30_000)
+            yes.click()
+            page.page.wait_for_timeout(3000)
+            page.repaint()
+            from PIL import Image
+
+            shot = Image.open(page.screenshot(f"demo-{view.replace(' ', '-')}-seg")).convert("RGB")
+            rgb = np.asarray(shot).reshape(-1, 3)
+            painted = sum(
+                int(n)
+                for colour, n in zip(*np.unique(rgb, axis=0, return_counts=True), strict=True)
+                if _is_segment_colour(tuple(int(c) for c in colour))
+            )
+            print(f"demo {view}: SEG painted {painted} screen pixels in its colour")
+            assert painted > 0, view
+            assert page.bad_console() == [], view
+        finally:
+            page.close()
+    assert seen, "the demo study has no view with findings"
