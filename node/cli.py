@@ -503,6 +503,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from node.service import format_status, status
 
+    if not args.verbose:  # stdout is the report (JSON with --json): no INFO lines in it
+        logging.getLogger().setLevel(logging.WARNING)
     info = status(_settings(args))
     print(json.dumps(info, indent=1, default=str) if args.json else format_status(info))
     return 0

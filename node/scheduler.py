@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,7 @@ from node.reports.common import MG_SOP_CLASS_UIDS, Provenance, conform_identifyi
 from node.results import JobResult, ResultObject, encode_dataset, queue_sends
 from node.settings import Settings
 from storage.database import Database
+from storage.errors import DatabaseUnavailableError
 from storage.filestore import FileStore
 from storage.jobs import JobInfo
 from storage.models import utcnow
@@ -124,6 +127,26 @@ class ReportFailures:
 
     def succeeded(self, uid: str) -> None:
         self.entries.pop(uid, None)
+
+
+#: A task that cannot reach the database says so at most this often (no traceback).
+UNAVAILABLE_LOG_SECONDS = 60.0
+_unavailable_logged: dict[str, float] = {}
+
+
+def _log_task_failure(what: str) -> None:
+    """Log the exception being handled: an unreachable database as one line per task at
+    most every :data:`UNAVAILABLE_LOG_SECONDS` (it is retried at the next check, and the
+    storage logs the outage and its end), anything else with its traceback."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, DatabaseUnavailableError):
+        now = time.monotonic()
+        last = _unavailable_logged.get(what)
+        if last is None or now - last >= UNAVAILABLE_LOG_SECONDS:
+            _unavailable_logged[what] = now
+            logger.warning("%s: %s (tried again at each check)", what, exc)
+        return
+    logger.exception(what)
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:
@@ -360,7 +383,7 @@ def complete_studies(
                 return 0
             return _complete_due(database, store, settings, when=_now(now), failures=failures)
     except Exception:
-        logger.exception("study completion failed")
+        _log_task_failure("study completion failed")
         return 0
 
 
@@ -375,7 +398,7 @@ def _complete_due(
     try:
         due = database.studies.due_studies(quiet_seconds=settings.study.quiet_seconds, now=when)
     except Exception:
-        logger.exception("study completion: cannot list due studies")
+        _log_task_failure("study completion: cannot list due studies")
         return 0
     reported = 0
     for study in due:
@@ -426,7 +449,7 @@ def send_results(
                 return 0
             return int(send_due(database, store, settings, now=now, stop=stop))
     except Exception:
-        logger.exception("sending results failed")
+        _log_task_failure("sending results failed")
         return 0
 
 
@@ -435,7 +458,7 @@ def recover_leases(database: Database, *, now: dt.datetime | None = None) -> lis
     try:
         return database.jobs.recover_expired_leases(now=now)
     except Exception:
-        logger.exception("lease recovery failed")
+        _log_task_failure("lease recovery failed")
         return []
 
 
@@ -458,7 +481,7 @@ def purge_retention(
                 return 0
             return _purge(database, store, days, _now(now))
     except Exception:
-        logger.exception("retention purge failed")
+        _log_task_failure("retention purge failed")
         return 0
 
 

@@ -92,6 +92,7 @@ from cascade.data.io import (
     check_mammogram_header,
 )
 from cascade.errors import InvalidImageError
+from node import monitoring
 from node.logs import remember_patient
 from node.server import GuardedAssociationServer, OversizedDataSet, ServerLimits
 from node.settings import Settings
@@ -653,6 +654,7 @@ class StorageSCP:
             logger.debug("association from %s@%s accepted", calling, _addr(assoc))
             return
         rsd, reason = refusal
+        monitoring.association_refused(reason)
         logger.warning(
             "association rejected: %s (calling AE %r, called AE %r, from %s)",
             reason,
@@ -665,6 +667,7 @@ class StorageSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         # Only reached when pynetdicom's own checks reject (our handler did not).
+        monitoring.association_refused("pynetdicom")
         assoc = event.assoc
         rj = assoc.acceptor.primitive
         logger.warning(
@@ -692,6 +695,7 @@ class StorageSCP:
         try:
             result = self._receive(event, raw_uid)
         except _RefusedError as refusal:
+            monitoring.store_refused(refusal.status)
             log = logger.warning if refusal.status >> 8 == 0xA7 else logger.info
             log(
                 "C-STORE of SOP Instance %s from %s refused with 0x%04X: %s",
@@ -703,7 +707,9 @@ class StorageSCP:
             return _status(refusal.status, refusal.comment)
         except Exception:
             logger.exception("C-STORE of SOP Instance %s failed unexpectedly", label)
+            monitoring.store_refused(STATUS_PROCESSING_FAILURE)
             return _status(STATUS_PROCESSING_FAILURE, "internal error; see the node's log")
+        monitoring.instance_received(result.outcome)
         logger.info(
             "stored SOP Instance %s from %s: job %d (%s)",
             label,

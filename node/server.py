@@ -47,6 +47,8 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node import monitoring
+
 __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_PDU_RECEIVED",
@@ -311,6 +313,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 else:
                     self._per_host[host] += 1
         if reason is not None:
+            monitoring.association_refused(reason)
             self._log_refusal(client_address, reason)
             return False
         return True
@@ -396,6 +399,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             except (OSError, ValueError):
                 readable = []
             if not readable:
+                monitoring.association_refused("A-ASSOCIATE-RQ within")
                 self._log_closed(client_address, f"no A-ASSOCIATE-RQ within {timeout:g} s")
                 self.shutdown_request(sock)
                 return None

@@ -5,7 +5,10 @@
 * the DICOM SCP (:class:`node.scp.StorageSCP`, threads of the main process),
 * the scheduler (:class:`node.scheduler.NodeScheduler`, a thread of the main process),
 * ``worker.count`` worker *processes* (:class:`node.pool.WorkerPool`), each loading
-  the model once and running :func:`node.worker.run_worker`.
+  the model once and running :func:`node.worker.run_worker`,
+* with ``[monitoring] http_port``, ``/metrics`` and ``/healthz`` over HTTP
+  (:mod:`node.monitoring`, a thread of the main process; the workers' events reach it
+  through prometheus_client's multiprocess folder, made before they start).
 
 Start-up order: configuration logged → database and file store opened (created or
 migrated) → model files checked (a missing model is a :class:`ConfigError` naming
@@ -26,12 +29,13 @@ expires.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from node import sdnotify
+from node import monitoring, sdnotify
 from node.errors import CalcnodeError
 from node.logs import configure_logging
 from node.model import DetectorFactory, model_weights
@@ -62,6 +66,7 @@ def serve(
     ready: threading.Event | None = None,
     detector_factory: DetectorFactory | None = None,
     port: int | None = None,
+    monitoring_port: int | None = None,
 ) -> int:
     """Run the node until SIGTERM/SIGINT (or ``stop_event``); blocking.
 
@@ -80,6 +85,9 @@ def serve(
         Passed to each worker process (must be picklable: a module-level function).
     port : int or None
         Listen on this port instead of ``node.port`` (0 = any free port).
+    monitoring_port : int or None
+        Serve ``/metrics`` and ``/healthz`` on this port instead of ``[monitoring]
+        http_port`` (0 = off).
 
     Returns
     -------
@@ -121,6 +129,7 @@ def serve(
     if not settings.destinations:
         logger.warning("no destinations configured: results are made but sent nowhere")
 
+    http_port = _monitoring_port(settings) if monitoring_port is None else monitoring_port
     stop = stop_event if stop_event is not None else threading.Event()
     restore = _install_signal_handlers(stop)
     database, store = open_storage(settings)
@@ -144,9 +153,16 @@ def serve(
         limits=limits,
         max_inflated_bytes=node.max_inflated_mb * mib,
     )
+    # Before the workers start (they inherit it) and before anything counts an event.
+    metrics_folder = monitoring.prepare() if http_port else None
+    monitor: monitoring.MonitoringServer | None = None
     try:
         pool.start()
         scheduler.start()
+        if http_port:
+            collector = monitoring.StateCollector(database, store, scp_up=lambda: scp.running)
+            monitor = monitoring.MonitoringServer(settings.node.host, http_port, collector)
+            monitor.start()
         scp.start()
         logger.info(
             "calcnode serving: AE %s on port %d, %d worker process(es)",
@@ -175,11 +191,21 @@ def serve(
                 pool.stop(STOP_TIMEOUT_SECONDS)
             finally:
                 scheduler.stop(wait=True)
+                if monitor is not None:
+                    monitor.stop()
+                if metrics_folder is not None:
+                    shutil.rmtree(metrics_folder, ignore_errors=True)
                 database.close()
                 if restore is not None:
                     restore()
     logger.info("calcnode stopped")
     return 0
+
+
+def _monitoring_port(settings: Settings) -> int:
+    """``[monitoring] http_port`` (0 when the settings have no such section)."""
+    section = getattr(settings, "monitoring", None)
+    return int(getattr(section, "http_port", 0) or 0)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Any:
@@ -227,13 +253,15 @@ def status(settings: Settings) -> dict[str, Any]:
     -------
     dict
         ``{"node": {ae_title, port, destinations}, "database": redacted URL,
-        "jobs": {state: n}, "sends": {state: n}, "studies": {state: n},
+        "backend": "sqlite" or "postgresql", "jobs": {state: n}, "sends": {state: n},
+        "studies": {state: n},
         "pending_sends": {destination: n}, "recent_errors": [...]}``.
     """
     database = _open_existing(settings)
     try:
         summary = database.status_summary()
         pending = database.sends.pending_by_destination()
+        backend = database.backend
     finally:
         database.close()
     return {
@@ -245,6 +273,7 @@ def status(settings: Settings) -> dict[str, Any]:
             ],
         },
         "database": settings.redacted()["storage"]["database_url"],
+        "backend": backend,
         **summary,
         "pending_sends": pending,
     }

@@ -56,7 +56,7 @@ from pydicom.uid import generate_uid
 
 from cascade.errors import InvalidImageError
 from cascade.inference.detector import ImageDetections
-from node import sdnotify
+from node import monitoring, sdnotify
 from node.identity import provenance_for, series_uid_for
 from node.logs import redact, remember_patient
 from node.model import DetectorFactory, DetectorLike, load_detector
@@ -237,7 +237,8 @@ class Worker:
         """
         path = self.store.resolve(job.path)
         try:
-            source = pydicom.dcmread(path)
+            with monitoring.timed("read"):
+                source = pydicom.dcmread(path)
         except (InvalidDicomError, EOFError) as exc:
             raise InvalidImageError(f"not a readable DICOM file: {exc}") from exc
         # Before anything looks at it: no log line of this process shows its patient.
@@ -246,7 +247,7 @@ class Worker:
         if conform_identifying_values(source, context=f"job {job.job_id}"):
             remember_patient(source)
         started = time.monotonic()
-        detections = self.detector.detect(source, path=job.path)
+        detections = monitoring.detect_timed(self.detector, source, path=job.path)
         seconds = time.monotonic() - started
         logger.info(
             "job %d: %d detection(s) on SOP Instance %s in %.1f s",
@@ -260,6 +261,7 @@ class Worker:
         written: list[str] = []
         objects: list[ResultObject] = []
         build_errors: dict[str, str] = {}
+        results_started = time.monotonic()
         try:
             stored = self.store.write_atomic(
                 self.store.result_path(study, f"{job.sop_instance_uid}.detections.json"),
@@ -302,6 +304,7 @@ class Worker:
         except BaseException:
             self._remove(written)
             raise
+        monitoring.observe_stage("results", time.monotonic() - results_started)
         return JobResult(
             detections=detections,
             seconds=seconds,
@@ -350,6 +353,11 @@ class Worker:
         ``"done"``, ``"queued"`` (retry later), ``"failed"`` or ``"lost"`` (the lease
         went to someone else; the result was discarded).
         """
+        outcome = self._handle(job)
+        monitoring.job_finished(outcome)
+        return outcome
+
+    def _handle(self, job: ClaimedJob) -> str:
         lease = self.settings.worker.lease_seconds
         try:
             with _Heartbeat(self.database, job.job_id, self.worker_id, lease_seconds=lease):
@@ -375,9 +383,10 @@ class Worker:
             f"{kind} not made: {error}" for kind, error in result.build_errors.items()
         )
         try:
-            self.database.jobs.complete(
-                job.job_id, self.worker_id, result=result.to_json(), warning=warning or None
-            )
+            with monitoring.timed("record"):
+                self.database.jobs.complete(
+                    job.job_id, self.worker_id, result=result.to_json(), warning=warning or None
+                )
         except LeaseLostError:
             logger.warning("job %d: lease lost before completion; result discarded", job.job_id)
             self._remove(list(result.paths))

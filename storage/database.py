@@ -446,7 +446,7 @@ def open_database(
         engine.dispose()
         raise
     logger.info("opened database %s", _display_url(url))
-    return Database(engine, policy=policy, clock=clock)
+    return Database(engine, policy=policy, clock=clock, display_url=_display_url(url))
 
 
 # --------------------------------------------------------------------------- handle
@@ -467,6 +467,8 @@ class Database:
         Retry policy of jobs and sends.
     clock : callable or None
         Returns the current aware UTC datetime.
+    display_url : str or None
+        The URL as logs show it (as configured, password hidden); the engine's when None.
 
     Attributes
     ----------
@@ -486,6 +488,7 @@ class Database:
         *,
         policy: QueuePolicy | None = None,
         clock: Callable[[], dt.datetime] | None = None,
+        display_url: str | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an sqlalchemy Engine, got {type(engine).__name__}")
@@ -500,7 +503,7 @@ class Database:
         self._serial: threading.Lock | None = (
             threading.Lock() if engine.dialect.name == "sqlite" else None
         )
-        self._shown_url = engine.url.render_as_string(hide_password=True)
+        self._shown_url = display_url or engine.url.render_as_string(hide_password=True)
         self._outage = _Outage()
         #: In-memory SQLite: the task locks of this process (no file to lock).
         self._local_locks: dict[str, threading.Lock] = {}
@@ -681,6 +684,17 @@ class Database:
             yield True
         finally:
             os.close(fd)  # releases the flock
+
+    def ping(self) -> None:
+        """Check that the database answers (one trivial statement): health checks.
+
+        Raises
+        ------
+        DatabaseUnavailableError, StorageError
+            As for :meth:`transaction`.
+        """
+        with self.transaction() as s:
+            s.execute(text("SELECT 1"))
 
     # ------------------------------------------------------------------ across aggregates
 
