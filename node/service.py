@@ -129,7 +129,7 @@ def serve(
     if not settings.destinations:
         logger.warning("no destinations configured: results are made but sent nowhere")
 
-    http_port = _monitoring_port(settings) if monitoring_port is None else monitoring_port
+    http_port = settings.monitoring.http_port if monitoring_port is None else monitoring_port
     stop = stop_event if stop_event is not None else threading.Event()
     restore = _install_signal_handlers(stop)
     database, store = open_storage(settings)
@@ -200,12 +200,6 @@ def serve(
                     restore()
     logger.info("calcnode stopped")
     return 0
-
-
-def _monitoring_port(settings: Settings) -> int:
-    """``[monitoring] http_port`` (0 when the settings have no such section)."""
-    section = getattr(settings, "monitoring", None)
-    return int(getattr(section, "http_port", 0) or 0)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Any:

@@ -1,21 +1,17 @@
 """The node's typed configuration: defaults, TOML files, environment, command line.
 
-The frozen pydantic models below are the one source of truth; ``config/calcnode.toml``
-lists every key with the same defaults (a test keeps the two equal). :func:`load_settings`
-layers, lowest precedence first: the defaults; the file (``config_file``, else
-``$CALCNODE_CONFIG``) and its drop-ins ``conf.d/*.toml`` in sorted order; the environment
-(``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS`` as JSON); the command-line
-``overrides`` (``{"node.port": 104}``). These are the pydantic-settings sources of
-:class:`Settings` (``settings_customise_sources``); pydantic-settings merges them (tables
-key by key, the ``destinations`` list as a whole) and the models validate. Added here:
-the origin of a bad value (file and section, variable, override) and a "did you mean"
-in :class:`node.errors.ConfigError`, relative paths resolved against the file naming
-them, text parsed by type, and :func:`dump_toml` (tomli-w).
+The frozen pydantic models below are the one source of truth (``config/calcnode.toml``
+lists every key with the same defaults). :func:`load_settings` layers, lowest first: the
+defaults; the file (``config_file``, else ``$CALCNODE_CONFIG``) and its drop-ins
+``conf.d/*.toml``; the environment (``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS``
+as JSON); the command-line ``overrides``. pydantic-settings reads and merges them (its
+``TomlConfigSettingsSource`` and ``EnvSettingsSource``); added here: the origin of a bad
+value and a "did you mean" in :class:`node.errors.ConfigError`, relative paths resolved
+against the file naming them, text parsed by type, and :func:`dump_toml` (tomli-w).
 
 See Also
 --------
 docs/configuration.md : every key, the layers, the error messages.
-docs/conformance.md : what the ``[node]`` limits refuse, with which DICOM status.
 """
 
 from __future__ import annotations
@@ -63,10 +59,10 @@ from node.errors import ConfigError
 
 __all__ = ["AE_TITLE_MAX_LENGTH", "DEFAULT_CONFIG_PATH", "DEVICE_PATTERN", "ENV_CONFIG"]
 __all__ += ["ENV_DESTINATIONS", "ENV_PREFIX", "OUTPUT_KINDS", "DestinationSettings"]
-__all__ += ["LoggingSettings", "ModelSettings", "NodeSettings", "OutputSettings"]
-__all__ += ["SchedulerSettings", "SendSettings", "Settings", "StorageSettings", "StudySettings"]
-__all__ += ["TLSSettings", "WorkerSettings", "default_config_text", "dump_toml", "load_settings"]
-__all__ += ["log_effective_settings"]
+__all__ += ["LoggingSettings", "ModelSettings", "MonitoringSettings", "NodeSettings"]
+__all__ += ["OutputSettings", "SchedulerSettings", "SendSettings", "Settings", "StorageSettings"]
+__all__ += ["StudySettings", "TLSSettings", "WorkerSettings", "default_config_text", "dump_toml"]
+__all__ += ["load_settings", "log_effective_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +82,7 @@ DEFAULT_CONFIG_PATH: Path | None = _SOURCE_TREE_CONFIG if _SOURCE_TREE_CONFIG.is
 #: ``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``.
 _redact_url = functools.partial(re.compile(r"(://[^:/@]*:)[^@/]*@").sub, r"\1***@")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+_EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
 
 
 # --------------------------------------------------------------------------- value types
@@ -120,10 +117,6 @@ def _parses(parse: Callable[[str], object], value: str) -> bool:
         return False
 
 
-def _is_host(value: str) -> bool:
-    return _parses(ipaddress.ip_address, value) or bool(_HOSTNAME.fullmatch(value[:254]))
-
-
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
     if unknown := [k for k in kinds if k not in allowed]:
         raise ValueError(f"unknown output kind {unknown[0]!r}; choose from {', '.join(allowed)}")
@@ -139,11 +132,13 @@ def _invalid(field: str | tuple[str | int, ...], problem: str) -> PydanticCustom
 
 _NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
 _NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
-_PORT = "must be a TCP port between 1 and 65535, got {v}"
+_PORT = "a TCP port between 1 and 65535, got {v}"
 _LEVEL = f"must be one of {', '.join(LOG_LEVELS)}, got {{v!r}}"
 AETitle = Annotated[str, AfterValidator(_ae_title)]
-Host = Annotated[str, _check(_is_host, "must be an IP address or a host name, got {v!r}")]
-Port = Annotated[int, _check(range(1, 65536).__contains__, _PORT)]
+_IS_HOST = lambda v: _parses(ipaddress.ip_address, v) or _HOSTNAME.fullmatch(v[:254])  # noqa: E731
+Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name, got {v!r}")]
+Port = Annotated[int, _check(range(1, 65536).__contains__, "must be " + _PORT)]
+_PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) or " + _PORT)]
 _Network = Annotated[str, _check(functools.partial(_parses, ipaddress.ip_network), _NETWORK)]
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
 _Device = Annotated[
@@ -184,6 +179,7 @@ class _FieldTypeError(_FieldError, TypeError):
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
 _TYPES |= {"tuple": "a list of strings", "path": "a path string", "model": "a table"}
 Loc = tuple[str | int, ...]
+Key = tuple[str, ...]
 
 
 def _loc(error: Mapping[str, Any]) -> Loc:
@@ -213,8 +209,8 @@ def _problem(error: Mapping[str, Any]) -> str:
     if kind in ("greater_than_equal", "greater_than"):
         relation, bound = ("at least", ctx["ge"]) if "ge" in ctx else ("greater than", ctx["gt"])
         return f"must be {relation} {bound:g}, got {got:g}"
-    if kind in ("finite_number", "literal_error"):
-        return f"must be {ctx.get('expected', 'a finite number')}, got {got!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {got!r}"
     return str(error["msg"])
 
 
@@ -260,12 +256,7 @@ class TLSSettings(_Section):
 
 
 class NodeSettings(_Section):
-    """``[node]``: the listening DICOM node (C-STORE / C-ECHO SCP), what a peer may cost.
-
-    ``associations_per_host``, ``handshake_timeout_seconds``, ``max_instance_mb`` and
-    ``max_inflated_mb`` (MiB) feed :class:`node.server.ServerLimits` and
-    :class:`node.scp.StorageSCP`.
-    """
+    """``[node]``: the DICOM SCP and what a peer may cost (see docs/conformance.md)."""
 
     ae_title: AETitle = "CALCNODE"
     host: Host = "0.0.0.0"
@@ -301,10 +292,8 @@ class StorageSettings(_Section):
     @classmethod
     def _effective_url(cls, url: str, info: ValidationInfo) -> str:
         if url and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
-            example = "sqlite:////var/lib/calcnode/calcnode.db"
-            raise ValueError(
-                f"must be an SQLAlchemy URL such as {example}, got {_redact_url(url)!r}"
-            )
+            example, got = "sqlite:////var/lib/calcnode/calcnode.db", _redact_url(url)
+            raise ValueError(f"must be an SQLAlchemy URL such as {example}, got {got!r}")
         return url or f"sqlite:///{info.data.get('root')}/calcnode.db"
 
 
@@ -383,6 +372,12 @@ class LoggingSettings(_Section):
     pynetdicom_level: _Level = "WARNING"
 
 
+class MonitoringSettings(_Section):
+    """``[monitoring]``: ``/metrics``, ``/healthz`` on ``node.host``:``http_port``; 0 = off."""
+
+    http_port: _PortOrOff = 0
+
+
 # --------------------------------------------------------------------------- Settings
 class Settings(BaseSettings):
     """The whole, validated configuration of a node (immutable).
@@ -406,6 +401,7 @@ class Settings(BaseSettings):
     send: SendSettings = Field(default_factory=SendSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     _sources: tuple[str, ...] = PrivateAttr(default=())
 
     @classmethod
@@ -473,9 +469,7 @@ class Settings(BaseSettings):
 
 
 # --------------------------------------------------------------------------- loading
-Key = tuple[str, ...]
-_Converter = Callable[[FieldInfo, Any, Loc], Any]
-_EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
+Describe = Callable[[Loc], str]  # where a value at a location came from
 
 
 def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | None:
@@ -486,54 +480,52 @@ def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | Non
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-def _convert(cls: type[BaseModel], table: Any, convert: _Converter, loc: Loc = ()) -> Any:
-    """``table`` with ``convert(field, value, loc)`` applied to the value of each setting."""
-    if not isinstance(table, Mapping):
-        return table  # not a table where one belongs: pydantic says so
-    out = dict(table)
-    for key, value in table.items():
-        if (field := cls.model_fields.get(key)) is None:
-            continue  # unknown: pydantic says so
-        if (section := _model_of(field)) is not None:
-            out[key] = _convert(section, value, convert, (*loc, key))
-            continue
-        out[key] = value = convert(field, value, (*loc, key))
-        if (item := _model_of(field, items=True)) is not None and isinstance(value, list | tuple):
-            out[key] = [_convert(item, v, convert, (*loc, key, i)) for i, v in enumerate(value)]
-    return out
+def _parse(cls: type[BaseModel], table: Any, text: Describe | None, base: Path | None) -> Any:
+    """``table`` with its relative paths made absolute (against ``base``, else the current
+    folder) and, given ``text`` (where a string came from), its strings parsed by type."""
+
+    def walk(cls: type[BaseModel], table: Any, loc: Loc) -> Any:
+        if not isinstance(table, Mapping):
+            return table  # not a table where one belongs: pydantic says so
+        out = dict(table)
+        for key, value in table.items():
+            if (field := cls.model_fields.get(key)) is None:
+                continue  # unknown: pydantic says so
+            if section := _model_of(field):
+                out[key] = walk(section, value, (*loc, key))
+                continue
+            hint, item = field.annotation, _model_of(field, items=True)
+            if hint in (Path, Path | None):
+                if isinstance(value, str | os.PathLike) and str(value):
+                    path = Path(value).expanduser()
+                    value = str(path if path.is_absolute() else (base or Path.cwd()) / path)
+            elif isinstance(value, str) and text is not None and hint is not str:
+                value = _from_text(hint, value, (*loc, key), text((*loc, key)), item is not None)
+            if item is not None and isinstance(value, list | tuple):
+                value = [walk(item, v, (*loc, key, i)) for i, v in enumerate(value)]
+            out[key] = value
+        return out
+
+    return walk(cls, table, ())
 
 
-def _resolve(field: FieldInfo, value: Any, base: Path | None) -> Any:
-    """A path setting with ``~`` expanded, relative to ``base`` (the file's folder) or cwd."""
-    if field.annotation not in (Path, Path | None) or not isinstance(value, str | os.PathLike):
-        return value
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base or Path.cwd()) / path) if str(value) else ""
-
-
-def _from_text(field: FieldInfo, value: Any, loc: Loc, describe: Callable[[Loc], str]) -> Any:
-    """An environment or command-line value: text parsed for the field, a path resolved.
-
-    Scalars by pydantic's lax parsing (``"yes"`` → True); lists as a JSON array or
-    comma-separated; ``destinations`` as a JSON array of objects.
-    """
-    hint, tables = field.annotation, _model_of(field, items=True) is not None
-    if not isinstance(value, str) or hint in (str, Path, Path | None):
-        return _resolve(field, value, None)
-    text, origin = value.strip(), describe(loc)
+def _from_text(hint: Any, text: str, loc: Loc, origin: str, tables: bool) -> Any:
+    """A setting of type ``hint`` from environment or command-line text: scalars by
+    pydantic's lax parsing (``"yes"`` → True), lists as a JSON array or comma-separated,
+    a list of ``tables`` (``destinations``) as a JSON array of objects."""
+    text = text.strip()
+    if get_origin(hint) is tuple and not tables and not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
     try:
-        if tables or (get_origin(hint) is tuple and text.startswith("[")):
-            parsed = json.loads(text)
-        elif get_origin(hint) is tuple:
-            return [part.strip() for part in text.split(",") if part.strip()]
-        else:
-            return TypeAdapter(hint).validate_python(text) if hint in (int, float, bool) else value
+        if get_origin(hint) is not tuple:
+            return TypeAdapter(hint).validate_python(text)
+        parsed = json.loads(text)
+    except ValidationError as exc:
+        raise ConfigError(f"{_dotted(loc)}: {_problem(exc.errors()[0])} ({origin})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
         ) from None
-    except ValidationError as exc:
-        raise ConfigError(f"{_dotted(loc)}: {_problem(exc.errors()[0])} ({origin})") from None
     if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
         raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
     return parsed
@@ -554,6 +546,11 @@ def _env_name(loc: Loc) -> str:
     return ENV_PREFIX + "__".join(map(str, loc)).upper()
 
 
+def _hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _env_origin(loc: Loc) -> str:
     return f"environment variable {_env_name(loc)}"
 
@@ -562,37 +559,33 @@ def _override_origin(loc: Loc) -> str:
     return f"command-line override {_dotted(loc)}"
 
 
-def _hint(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _file_origin(path: Path, loc: Loc) -> str:
+    return f"from {path}" + (f", section [{'.'.join(map(str, loc[:-1]))}]" if loc[1:] else "")
 
 
 class _Request:
-    """One :func:`load_settings` call: its inputs, and where each key came from.
+    """One :func:`load_settings` call: its inputs, and its layers to find an origin in.
 
-    The sources record what they read as pydantic-settings calls them, highest layer
-    first, so the first origin recorded for a key is the one that counts.
+    ``layers`` holds each layer's data with what describes its keys, highest first: the
+    overrides, then each source inserts its own just below them as it reads (the files
+    when the TOML source is made, the environment later, when pydantic-settings calls it).
     """
 
     def __init__(self, files: list[Path], environ: dict[str, str], overrides: dict) -> None:
         self.files, self.environ, self.overrides = files, environ, overrides
-        self.origins: dict[Key, str] = {}
+        self.layers: list[tuple[Mapping[str, Any], Describe]] = [(overrides, _override_origin)]
         flags = (f"--{'.'.join(key)}" for key, _ in _flatten(overrides))
         self.sources = (*map(str, files), *sorted(environ), *flags)
-        self.record(overrides, _override_origin)
-
-    def record(self, table: Mapping[str, Any], describe: Callable[[Key], str]) -> None:
-        for key, _ in _flatten(table):
-            self.origins.setdefault(key, describe(key))
 
     def origin(self, loc: Loc) -> str:
         """Where the value at ``loc`` came from: its key, else a key of its table."""
         keys = tuple(p for p in loc if isinstance(p, str))
         keys = keys[:1] if keys[:1] == ("destinations",) else keys
+        found = [(key, describe) for data, describe in self.layers for key, _ in _flatten(data)]
         for matches in (lambda k: k[: len(keys)] == keys, lambda k: k[:-1] == keys[:-1]):
-            for key, origin in self.origins.items():
+            for key, describe in found:
                 if matches(key):
-                    return origin
+                    return describe(key)
         return "the built-in default"
 
 
@@ -600,29 +593,21 @@ class _Files(TomlConfigSettingsSource):
     """The configuration file and its drop-ins (pydantic-settings merges them in order)."""
 
     def __init__(self, settings_cls: type[BaseSettings], request: _Request) -> None:
-        self._request, self._read = request, list[tuple[Path, dict[str, Any]]]()
+        self._request = request
         super().__init__(settings_cls, toml_file=request.files, deep_merge=True)
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         path = Path(file_path)
         try:
-            data = super()._read_file(path)
+            data = _parse(Settings, super()._read_file(path), None, path.parent)
         except (tomllib.TOMLDecodeError, OSError) as exc:
             what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
             raise ConfigError(f"{path}: {what}: {exc}") from None
-        self._read.append(
-            (path, _convert(Settings, data, lambda f, v, _: _resolve(f, v, path.parent)))
-        )
-        return self._read[-1][1]
+        self._request.layers.insert(1, (data, functools.partial(_file_origin, path)))
+        return data
 
     def __call__(self) -> dict[str, Any]:
-        for path, data in reversed(self._read):  # a later drop-in wins
-            self._request.record(data, functools.partial(self._origin, path))
         return self.toml_data  # as read: InitSettingsSource would match names case-insensitively
-
-    @staticmethod
-    def _origin(path: Path, keys: Key) -> str:
-        return f"from {path}" + (f", section [{'.'.join(keys[:-1])}]" if keys[1:] else "")
 
 
 class _Environment(EnvSettingsSource):
@@ -649,9 +634,8 @@ class _Environment(EnvSettingsSource):
                 f"unknown environment variable {name}: {what}{_hint(name, valid)}. Settings "
                 f"are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
             )
-        parse = functools.partial(_from_text, describe=_env_origin)
-        data = _convert(Settings, super().__call__(), parse)
-        self._request.record(data, _env_origin)
+        data = _parse(Settings, super().__call__(), _env_origin, None)
+        self._request.layers.insert(1, (data, _env_origin))
         return data
 
 
@@ -735,8 +719,9 @@ def load_settings(
             raise ConfigError(f"configuration file {path} {reason}")
         files = [path, *(p for p in sorted((path.parent / "conf.d").glob("*.toml")) if p.is_file())]
     variables = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG}
-    parse = functools.partial(_from_text, describe=_override_origin)
-    request = _Request(files, variables, _convert(Settings, _nest(overrides or {}), parse))
+    request = _Request(
+        files, variables, _parse(Settings, _nest(overrides or {}), _override_origin, None)
+    )
     token = _REQUEST.set(request)
     try:
         settings = Settings(**request.overrides)
@@ -745,11 +730,9 @@ def load_settings(
     finally:
         _REQUEST.reset(token)
     tls = settings.node.tls  # the files the node will open: fail now, not on first use
+    names = ("cert_file", "key_file", "ca_file") if tls.enabled else ()
     needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
-    if tls.enabled:
-        needed |= {
-            ("node", "tls", n): getattr(tls, n) for n in ("cert_file", "key_file", "ca_file")
-        }
+    needed |= {("node", "tls", n): getattr(tls, n) for n in names}
     for key, file in needed.items():
         if file is not None and not file.is_file():
             raise ConfigError(f"{'.'.join(key)}: no such file {file} ({request.origin(key)})")
@@ -765,24 +748,17 @@ def log_effective_settings(settings: Settings, *, log: logging.Logger | None = N
 
 
 # --------------------------------------------------------------------------- TOML output
-def _none_as_empty(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _none_as_empty(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_none_as_empty(v) for v in value]
-    return "" if value is None else value
-
-
 def dump_toml(settings: Settings) -> str:
     """The configuration as TOML that :func:`load_settings` reads back to equal settings.
 
     ``None`` paths are written as ``""``, and so is a ``database_url`` that is the one
     derived from ``storage.root`` (so that editing ``root`` moves the database too).
     """
-    data = settings.as_dict()
+    empty = lambda table: {k: "" if v is None else v for k, v in table.items()}  # noqa: E731
+    data = json.loads(json.dumps(settings.as_dict()), object_hook=empty)
     if settings.storage.database_url == StorageSettings(root=settings.storage.root).database_url:
         data["storage"]["database_url"] = ""
-    return tomli_w.dumps(_none_as_empty(data))
+    return tomli_w.dumps(data)
 
 
 def default_config_text() -> str:

@@ -20,6 +20,7 @@ from node.errors import ConfigError
 from node.settings import (
     OUTPUT_KINDS,
     DestinationSettings,
+    MonitoringSettings,
     NodeSettings,
     OutputSettings,
     SendSettings,
@@ -361,6 +362,33 @@ def test_model_path_must_exist(tmp_path: Path) -> None:
     weights = write(tmp_path / "w.pt", "x")
     assert load_settings(environ={}, overrides={"model.path": weights}).model.path == weights
     assert load_settings(environ={"CALCNODE_MODEL__PATH": ""}).model.path is None
+
+
+# --------------------------------------------------------------------------- monitoring
+def test_monitoring_is_off_by_default() -> None:
+    assert load_settings(environ={}).monitoring == MonitoringSettings(http_port=0)
+
+
+def test_monitoring_port_from_file_and_environment(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "calcnode.toml", "[monitoring]\nhttp_port = 9110\n")
+    assert load_settings(cfg, environ={}).monitoring.http_port == 9110
+    env = {"CALCNODE_MONITORING__HTTP_PORT": "9111"}
+    assert load_settings(cfg, environ=env).monitoring.http_port == 9111  # environment wins
+
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_bad_monitoring_port_is_rejected_naming_the_key(tmp_path: Path, port: int) -> None:
+    cfg = write(tmp_path / "calcnode.toml", f"[monitoring]\nhttp_port = {port}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert str(info.value) == (
+        f"monitoring.http_port: must be 0 (off) or a TCP port between 1 and 65535, got {port}"
+        f" (from {cfg}, section [monitoring])"
+    )
+    with pytest.raises(ConfigError, match=r"monitoring\.http_port: must be an integer.*HTTP_PORT"):
+        load_settings(environ={"CALCNODE_MONITORING__HTTP_PORT": "http"})
+    with pytest.raises(ValueError, match="http_port: must be 0 \\(off\\) or a TCP port"):
+        MonitoringSettings(http_port=port)
 
 
 # --------------------------------------------------------------------------- env parsing
