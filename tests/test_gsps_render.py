@@ -19,17 +19,20 @@ and MONOCHROME2; a MONOCHROME1 state with an IDENTITY Presentation LUT must not,
 tools are not blind to it); the whole image is displayed; each ring DICOMscope draws
 (diff with and without the layer) is centred within 2 px of its detection with the
 radius we wrote; each cluster outline encloses its calcifications without crossing
-them; every label is drawn beside its anchor. DICOMscope draws a PIXEL coordinate c at
-screen c − 2 (:data:`DICOMSCOPE_SHIFT`), where PS3.3 C.10.5.1.2 (and we) put 0\\0 at the
-first pixel's top-left corner, so its marks sit 2 px up and left: the raw marks are
-checked within 2 px on each axis, and within 0.5 px once that shift is taken off. It
-places an anchor-only text 50 screen pixels beside its anchor (no bounding box: the viewer
-chooses). Coordinates: detections x = column, y = row, pixel centres; GSPS graphic
+them; one label per finding (cluster or isolated calcification) in the TID 1500
+report's words, drawn from its bounding box's corner (the driver prints the rectangle
+DICOMscope computes for each text), none on another label or on a ring. DICOMscope
+draws a PIXEL coordinate c at screen c − 2 (:data:`DICOMSCOPE_SHIFT`), where PS3.3
+C.10.5.1.2 (and we) put 0\\0 at the first pixel's top-left corner,
+so its marks sit 2 px up and left: the raw marks are checked within 2 px on each axis,
+and within 0.5 px once that shift is taken off.
+Coordinates: detections x = column, y = row, pixel centres; GSPS graphic
 coordinates = detection + 0.5.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,7 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from cascade.inference.detector import Detection, ImageDetections
-from node.reports import Provenance, build_gsps
+from node.reports import Provenance, build_gsps, build_tid1500_sr
 from node.reports.gsps import GRAPHIC_LAYER
 from tests.factories import make_mg_dataset
 
@@ -66,6 +69,8 @@ ISOLATED = [(70.0, 90.0, 0.95), (220.0, 110.0, 0.81), (90.0, 290.0, 0.66), (240.
 #: A cluster of four (within 5 mm) and one isolated calcification.
 CLUSTER = [(110.0, 150.0, 0.93), (121.0, 158.0, 0.84), (104.0, 166.0, 0.79), (116.0, 171.0, 0.7)]
 CLUSTER_AND_ONE = [*CLUSTER, (250.0, 300.0, 0.88)]
+#: docs/img/gsps-dicomscope.png: a cluster of four and two isolated calcifications.
+PICTURE = [*CLUSTER_AND_ONE, (60.0, 320.0, 0.72)]
 
 PROVENANCE = Provenance(
     algorithm_name="calcnode uC cascade",
@@ -88,7 +93,9 @@ import javax.imageio.ImageIO;
 import main.GrayColorIndex;
 import main.MainContext;
 import viewer.presentation.JavaTransformationConverter;
+import viewer.presentation.PresentationStateGraphicLayer;
 import viewer.presentation.PresentationStateGraphicsHandler;
+import viewer.presentation.PresentationStateTextObject;
 
 public class RenderGsps {
     public static void main(String[] args) throws Exception {
@@ -120,6 +127,21 @@ public class RenderGsps {
         if (graphics) {
             h.drawPaintStructure(
                 bi, tc.getTransformation(), tc.getOverlayTransformation(), false, 8, false);
+        }
+        // Where DICOMscope put each text (screen pixels): the rectangle it computes for
+        // the drawn text (its origin and the text's advance and ascent).
+        java.lang.reflect.Field rect =
+            PresentationStateTextObject.class.getDeclaredField("boundingRect");
+        rect.setAccessible(true);
+        for (Object layer : h.getListPresentationStateGraphicLayer()) {
+            for (Object o : ((PresentationStateGraphicLayer) layer).listPresentationStateObject) {
+                if (graphics && o instanceof PresentationStateTextObject) {
+                    java.awt.geom.Rectangle2D r = (java.awt.geom.Rectangle2D) rect.get(o);
+                    System.err.println("LABEL " + r.getX() + " " + r.getY() + " "
+                        + r.getWidth() + " " + r.getHeight() + " "
+                        + ((PresentationStateTextObject) o).getTextValue());
+                }
+            }
         }
         ImageIO.write(bi, "png", new File(out));
         System.err.println("RENDERED " + w + "x" + ht + " zoom " + h.getZoomValue()
@@ -158,6 +180,14 @@ def dicomscope(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _render(renderer: Path, image: Path, pstate: Path | None, *, graphics: bool = True) -> Any:
     """DICOMscope's rendering of ``image`` (through ``pstate``) as a (rows, columns) array."""
+    return _render_with_labels(renderer, image, pstate, graphics=graphics)[0]
+
+
+def _render_with_labels(
+    renderer: Path, image: Path, pstate: Path | None, *, graphics: bool = True
+) -> tuple[Any, list[tuple[float, float, float, float, str]]]:
+    """DICOMscope's rendering, and where it put each text: (left, top, right, bottom,
+    text) in screen pixels (= image pixels at zoom 1), as the viewer computes it."""
     out = image.parent / f"{image.stem}-{pstate.stem if pstate else 'own'}-{int(graphics)}.png"
     args = [str(DICOMSCOPE_CONFIG), str(image), str(pstate) if pstate else "-", str(out)]
     proc = subprocess.run(
@@ -179,7 +209,13 @@ def _render(renderer: Path, image: Path, pstate: Path | None, *, graphics: bool 
     assert proc.returncode == 0 and "RENDERED" in proc.stderr, proc.stderr[-2000:]
     from PIL import Image
 
-    return np.asarray(Image.open(out).convert("L")).astype(int)
+    labels = []
+    for line in proc.stderr.splitlines():
+        if line.startswith("LABEL "):
+            x, y, w, h, text = line.split(" ", 5)[1:]
+            left, top = float(x), float(y)
+            labels.append((left, top, left + float(w), top + float(h), text))
+    return np.asarray(Image.open(out).convert("L")).astype(int), labels
 
 
 def _dcmp2pgm(image: Path, pstate: Path | None) -> Any:
@@ -338,38 +374,100 @@ def _segment_distance(p: Any, a: Any, b: Any) -> float:
     return float(np.hypot(*(p - (a + t * (b - a)))))
 
 
-def test_dicomscope_draws_every_label_beside_its_anchor(dicomscope: Path, tmp_path: Path) -> None:
-    from scipy import ndimage
+#: A crowded image: two clusters 7 mm apart, a pair of calcifications 3 mm apart (two
+#: singletons: a cluster needs three), singletons at the top, right and bottom edges.
+CROWDED = [
+    *CLUSTER,
+    (150.0, 215.0, 0.9),
+    (160.0, 222.0, 0.8),
+    (146.0, 230.0, 0.75),
+    (60.0, 250.0, 0.86),
+    (85.0, 262.0, 0.61),
+    (300.0, 60.0, 0.77),
+    (200.0, 6.0, 0.99),
+    (150.0, 392.0, 0.68),
+]
 
-    _, pr, image, state = _write(tmp_path, ISOLATED, keep=("TextObjectSequence",))
+
+@pytest.mark.parametrize("case", ["picture", "crowded"])
+def test_dicomscope_draws_one_label_per_finding_none_over_another(
+    dicomscope: Path, tmp_path: Path, case: str
+) -> None:
+    """What a reader acts on: one label per cluster and per isolated calcification, with
+    the report's words, in its bounding box, none on another label or on a mark."""
+    points = PICTURE if case == "picture" else CROWDED
+    mg, pr, image, state = _write(tmp_path, points)
     texts = pr.GraphicAnnotationSequence[0].TextObjectSequence
-    assert [t.UnformattedTextValue for t in texts] == ["95%", "81%", "66%", "90%"]
-    bare = _render(dicomscope, image, state, graphics=False)
-    drawn = _render(dicomscope, image, state) != bare
-    # The glyphs of one label merged (dilated by 3 px): one block per label.
-    labels, count = ndimage.label(ndimage.binary_dilation(drawn, iterations=3))
-    boxes = []
-    for i in range(count):
-        rows, cols = np.nonzero((labels == i + 1) & drawn)
-        boxes.append((cols.min(), cols.max() + 1, rows.min(), rows.max() + 1))
-    assert len(boxes) == len(texts), boxes
+    # The words of the TID 1500 report's labels (its Comments), one per finding.
+    report = build_tid1500_sr(
+        source=mg,
+        detections=_detections(mg, points),
+        provenance=PROVENANCE,
+        series_instance_uid=generate_uid(),
+    )
+    assert report is not None
+    comments = sorted(
+        str(item.TextValue)
+        for group in report.ContentSequence[-1].ContentSequence
+        for item in group.ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    )
+    assert sorted(str(t.UnformattedTextValue) for t in texts) == comments
+    clusters = [t for t in comments if t.startswith("Cluster of")]
+    assert len(clusters) == (1 if case == "picture" else 2)
+    shown, drawn = _render_with_labels(dicomscope, image, state)
+    if case == "picture":
+        _keep_picture(_render(dicomscope, image, None), shown, tmp_path)
+    assert sorted(label[4] for label in drawn) == comments
+    # No label on another (DICOMscope's own text rectangles, 1 px for the descenders).
+    for i, a in enumerate(drawn):
+        for b in drawn[i + 1 :]:
+            apart = a[2] <= b[0] or b[2] <= a[0] or a[3] + 1 <= b[1] or b[3] + 1 <= a[1]
+            assert apart, (a, b)
+    # Each text where the state puts it: from its box's top-left corner (DICOMscope's
+    # shift applied), inside the box, and on no calcification's ring.
     for text in texts:
-        ax, ay = (float(v) + DICOMSCOPE_SHIFT for v in text.AnchorPoint)
-        placed = [b for b in boxes if _placed_by_dicomscope(b, ax, ay)]
-        assert len(placed) == 1, (text.UnformattedTextValue, ax, ay, boxes)
+        (label,) = [d for d in drawn if d[4] == text.UnformattedTextValue and _in_box(d, text)]
+        for x, y, _ in points:
+            cx, cy = x + 0.5 + DICOMSCOPE_SHIFT, y + 0.5 + DICOMSCOPE_SHIFT
+            ring = RADIUS + 2.0
+            near_x = min(max(cx, label[0]), label[2])
+            near_y = min(max(cy, label[1]), label[3] + 4)
+            assert np.hypot(near_x - cx, near_y - cy) > ring, (label, x, y)
+    # The anchor of each label on its finding's marks: the ring of an isolated
+    # calcification, the outline of a cluster.
+    for text in texts:
+        ax, ay = (float(v) for v in text.AnchorPoint)
+        gap = min(np.hypot(ax - x - 0.5, ay - y - 0.5) for x, y, _ in points)
+        limit = RADIUS + 2.0 if text.UnformattedTextValue.startswith("Calc") else 30.0
+        assert gap <= limit + 0.5, (text.UnformattedTextValue, ax, ay, gap)
+        assert text.AnchorPointVisibility == "Y"
 
 
-def _placed_by_dicomscope(box: tuple[int, int, int, int], ax: float, ay: float) -> bool:
-    """Whether a text's box (left, right, top, bottom) is where DICOMscope puts the text
-    of an anchor-only TextObject at (ax, ay) on the screen (PresentationStateTextObject):
-    50 px right of the anchor (left of it within 100 px of the right edge), its baseline
-    50 px above it (its top 50 px below it within 100 px of the top); 3 px for the glyphs'
-    bearings."""
-    left, right, top, bottom = box
-    on_the_right = ax <= COLUMNS - 100
-    x_ok = abs(left - (ax + 50)) <= 3 if on_the_right else abs(right - (ax - 50)) <= 3
-    y_ok = abs(bottom - (ay - 50)) <= 3 if ay > 100 else 0 <= top - (ay + 50) <= 6
-    return x_ok and y_ok
+def _keep_picture(own: Any, through_state: Any, tmp_path: Path) -> None:
+    """docs/img/gsps-dicomscope.png: the image as DICOMscope shows it alone (left) and
+    through our state (right), 6 white pixels apart, in ``$CALCNODE_GSPS_ARTIFACTS``
+    (default: the test's tmp dir)."""
+    from PIL import Image
+
+    folder = Path(os.environ.get("CALCNODE_GSPS_ARTIFACTS") or tmp_path / "pictures")
+    folder.mkdir(parents=True, exist_ok=True)
+    gap = np.full((own.shape[0], 6), 255)
+    picture = np.concatenate([own, gap, through_state], axis=1).astype(np.uint8)
+    Image.fromarray(picture).save(folder / "gsps-dicomscope.png", optimize=True)
+
+
+def _in_box(label: tuple[float, float, float, float, str], text: Dataset) -> bool:
+    """Whether DICOMscope drew ``label`` from the top-left corner of ``text``'s bounding
+    box (its 2-px shift applied) and within the box (3 px for the glyphs' bearings)."""
+    left, top = (float(v) + DICOMSCOPE_SHIFT for v in text.BoundingBoxTopLeftHandCorner)
+    right, bottom = (float(v) + DICOMSCOPE_SHIFT for v in text.BoundingBoxBottomRightHandCorner)
+    return (
+        abs(label[0] - left) <= 1.0
+        and abs(label[1] - top) <= 1.0
+        and label[2] <= right + 3.0
+        and label[3] <= bottom + 3.0
+    )
 
 
 # --------------------------------------------------------------------------- geometry

@@ -704,13 +704,53 @@ def test_gsps_draws_layer_text_and_laterality(provenance: Provenance) -> None:
     assert pr.GraphicLayerSequence[0].GraphicLayer == "CALCNODE"
     annotation = pr.GraphicAnnotationSequence[0]
     assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == mg.SOPInstanceUID
-    assert sorted(t.UnformattedTextValue for t in annotation.TextObjectSequence) == [
-        "70%",
-        "80%",
-        "90%",
-    ]
+    # One label for the cluster, in the TID 1500 report's words; its members unlabelled.
+    (text,) = annotation.TextObjectSequence
+    assert text.UnformattedTextValue == "Cluster of 3 calcifications, 90 %"
     types = sorted(g.GraphicType for g in annotation.GraphicObjectSequence)
     assert types == ["CIRCLE", "CIRCLE", "CIRCLE", "POLYLINE"]  # three marks + cluster outline
+
+
+def test_gsps_labels_each_finding_once_in_boxes_apart(provenance: Provenance) -> None:
+    """Clusters and isolated calcifications: one label each, in a bounding box inside
+    the image that meets no other label box and no ring, anchored (visibly) on its
+    finding's marks."""
+    mg = make_mg_dataset(rows=400, columns=320)
+    points = [
+        (110, 150, 0.93), (121, 158, 0.84), (104, 166, 0.79),  # a cluster
+        (150, 215, 0.9), (160, 222, 0.8), (146, 230, 0.75),  # another, 7 mm away
+        (60, 250, 0.86), (85, 262, 0.61),  # a pair: two isolated calcifications
+        (316, 4, 0.77),  # in the top right corner
+    ]  # fmt: skip
+    dets = image_detections(mg, points, radius=2.5)
+    pr = roundtrip(
+        build_gsps(
+            source=mg, detections=dets, provenance=provenance, series_instance_uid=generate_uid()
+        )
+    )
+    texts = pr.GraphicAnnotationSequence[0].TextObjectSequence
+    assert sorted(str(t.UnformattedTextValue) for t in texts) == [
+        "Calcification, 61 %",
+        "Calcification, 77 %",
+        "Calcification, 86 %",
+        "Cluster of 3 calcifications, 90 %",
+        "Cluster of 3 calcifications, 93 %",
+    ]
+    boxes = [
+        (*(float(v) for v in t.BoundingBoxTopLeftHandCorner),
+         *(float(v) for v in t.BoundingBoxBottomRightHandCorner))
+        for t in texts
+    ]  # fmt: skip
+    for i, (left, top, right, bottom) in enumerate(boxes):
+        assert 0 <= left < right <= 320 and 0 <= top < bottom <= 400
+        for other in boxes[i + 1 :]:
+            assert right <= other[0] or other[2] <= left or bottom <= other[1] or other[3] <= top
+        for x, y, _ in points:
+            near = (min(max(x + 0.5, left), right), min(max(y + 0.5, top), bottom))
+            assert np.hypot(near[0] - x - 0.5, near[1] - y - 0.5) > 2.5 + 2.0
+    for text in texts:
+        assert text.AnchorPointVisibility == "Y"
+        assert text.BoundingBoxTextHorizontalJustification == "LEFT"
 
 
 # --- validation of arguments -------------------------------------------------------------------
