@@ -9,9 +9,8 @@ The helpers they use are in ``tests/helpers.py``, ``tests/factories.py`` and
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,9 @@ from tests.helpers import (
     ORTHANC,
     OrthancServer,
     Receiver,
+    built_once,
     openssl_cert,
+    shared_temp,
     write_tiny_model,
 )
 from tests.pg import INFO_FILE, PostgresServer, start_server, unavailable_reason
@@ -84,34 +85,6 @@ def _restore_logger_levels() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
-def _shared_temp(factory: pytest.TempPathFactory) -> Path:
-    """The temporary folder every xdist worker of this run shares (its own without xdist)."""
-    base = factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-def _built_once(
-    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
-) -> Path:
-    """The folder ``name``, filled by ``build(folder)`` once per test run.
-
-    Under pytest-xdist every worker is its own session; session fixtures would train the
-    tiny cascade once per worker. The workers share the parent of their base temporary
-    folders, so the first worker to get there builds the folder under a file lock and the
-    others wait for it and reuse it (the pattern of pytest-xdist's documentation). The
-    folders are read-only for the tests that use them.
-    """
-    shared = _shared_temp(factory)
-    folder = shared / name
-    with FileLock(str(shared / f"{name}.lock")):
-        if not (folder / ".built").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            (folder / ".built").touch()
-    return folder
-
-
 def _render_phantoms(out: Path) -> None:
     from cascade.synthesis import generate_dataset
 
@@ -121,7 +94,7 @@ def _render_phantoms(out: Path) -> None:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small phantoms (seed 0) and their manifest."""
-    return _built_once(tmp_path_factory, "phantoms", _render_phantoms) / "manifest.jsonl"
+    return built_once(tmp_path_factory, "phantoms", _render_phantoms) / "manifest.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +107,7 @@ def small_manifest(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         assert recs, "the phantom set has no µC"
         write_manifest(out / "manifest.jsonl", recs)
 
-    return _built_once(tmp_path_factory, "small", build) / "manifest.jsonl"
+    return built_once(tmp_path_factory, "small", build) / "manifest.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +130,7 @@ def asn_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         )
         assert best == out / "best.pt"
 
-    return _built_once(tmp_path_factory, "asn", build)
+    return built_once(tmp_path_factory, "asn", build)
 
 
 @pytest.fixture(scope="session")
@@ -180,7 +153,7 @@ def fpr_run(small_manifest: Path, asn_run: Path, tmp_path_factory: pytest.TempPa
         )
         assert best == out / "best.pt"
 
-    return _built_once(tmp_path_factory, "fpr", build)
+    return built_once(tmp_path_factory, "fpr", build)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -198,7 +171,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> PostgresServer:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    shared = _shared_temp(tmp_path_factory)
+    shared = shared_temp(tmp_path_factory)
     info, failed = shared / INFO_FILE, shared / "postgres-server.failed"
     with FileLock(str(shared / "postgres-server.lock")):
         if failed.is_file():

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +19,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+from filelock import FileLock
 from pydicom.dataset import Dataset
 
 from cascade.inference.detector import Detection, ImageDetections
@@ -439,3 +443,29 @@ class OrthancWebServer(OrthancServer):
         }
         path.write_text(json.dumps(config, indent=2))
         return path
+
+
+def shared_temp(factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder every xdist worker of this run shares (its own without xdist)."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run.
+
+    Under pytest-xdist every worker is its own session; session fixtures would train the
+    tiny cascade once per worker. The workers share the parent of their base temporary
+    folders, so the first worker to get there builds the folder under a file lock and the
+    others wait for it and reuse it (the pattern of pytest-xdist's documentation). The
+    folders are read-only for the tests that use them.
+    """
+    shared = shared_temp(factory)
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder

@@ -8,6 +8,7 @@ For Processing, findings below the operating point (Presentation Optional), VOI 
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from cascade.inference.detector import Detection, ImageDetections
 from node.reports import Provenance, build_cad_sr, build_gsps, build_seg, build_tid1500_sr
 from tests import validators as v
 from tests.factories import make_mg_dataset
+from tests.helpers import built_once
 
 # One worker builds and validates every object once (PixelMed: one JVM for all files).
 pytestmark = [pytest.mark.external, pytest.mark.xdist_group("report_validators")]
@@ -195,15 +197,12 @@ def _walk(ds: Dataset) -> Iterator[tuple[None, Dataset]]:
         yield from _walk(item)
 
 
-@pytest.fixture(scope="module")
-def sr_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, v.Findings]]:
-    """Build every SR scenario (and two broken CAD SRs), validate each with the three tools.
+def _validate_every_sr(folder: Path) -> None:
+    """Build every SR scenario (and two broken CAD SRs) in ``folder``, validate each.
 
-    PixelMed runs once over all files: its start-up dominates (10-25 s per JVM).
+    PixelMed runs once over all files: its start-up dominates (10-25 s per JVM). The
+    findings are pickled into ``folder / "findings.pickle"``.
     """
-    if not (v.have_dciodvfy() and v.have_dsrdump() and v.have_pixelmed()):
-        pytest.skip("dciodvfy, dsrdump or java/pixelmed.jar missing")
-    folder = tmp_path_factory.mktemp("sr")
     files: dict[str, Path] = {}
     for kind, (builder, _, _) in SR_BUILDERS.items():
         for scenario in SR_SCENARIOS:
@@ -216,7 +215,7 @@ def sr_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
         _swapped_summaries(_cad(_study("spacing_100um"), "")[0]), folder / "broken-order.dcm"
     )
     pixelmed = v.run_pixelmed_sr_many(list(files.values()))
-    return {
+    findings = {
         key: {
             "dciodvfy": v.run_dciodvfy(path),
             "dsrdump": v.run_dsrdump(path),
@@ -224,6 +223,23 @@ def sr_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
         }
         for key, path in files.items()
     }
+    (folder / "findings.pickle").write_bytes(pickle.dumps(findings))
+
+
+@pytest.fixture(scope="session")
+def sr_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, v.Findings]]:
+    """What the three validators say of every SR scenario, computed once per test run.
+
+    Once per run, not per worker: pytest-xdist has been seen to hand this module's tests to
+    both workers despite its group, and each would otherwise run PixelMed again.
+    """
+    if not (v.have_dciodvfy() and v.have_dsrdump() and v.have_pixelmed()):
+        pytest.skip("dciodvfy, dsrdump or java/pixelmed.jar missing")
+    folder = built_once(tmp_path_factory, "sr_validation", _validate_every_sr)
+    findings: dict[str, dict[str, v.Findings]] = pickle.loads(
+        (folder / "findings.pickle").read_bytes()
+    )
+    return findings
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from cascade.data.io import read_mammogram
 from cascade.data.manifest import read_manifest
 from cascade.data.preprocess import GridTransform, PreprocessedImage, preprocess_mammogram
 from cascade.errors import CascadeError
-from cascade.inference.detector import STAGES, Detector
+from cascade.inference.detector import STAGES, Detector, ImageDetections
 from cascade.inference.fpr import score_crops
 from cascade.inference.proposals import (
     Candidate,
@@ -257,21 +257,36 @@ def _crops(n: int, size: int = 56, seed: int = 3) -> np.ndarray:
     return crops
 
 
-def test_torch_crop_scorer_matches_the_reference(bundled_fpr: torch.nn.Module) -> None:
-    crops = _crops(40)
-    ref = score_crops_reference(bundled_fpr, crops, input_size=56, batch_size=16)
-    new = TorchCropScorer(bundled_fpr, input_size=56, batch_size=16)(crops)
-    np.testing.assert_allclose(new, ref, atol=1e-5)
-    np.testing.assert_allclose(score_crops(bundled_fpr, crops, input_size=56), ref, atol=1e-5)
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return _crops(16)
+
+
+@pytest.fixture(scope="module")
+def reference_scores(bundled_fpr: torch.nn.Module, crops: np.ndarray) -> np.ndarray:
+    """The previous path's FPR scores of :func:`crops` (batches of 16)."""
+    return score_crops_reference(bundled_fpr, crops, input_size=56, batch_size=16)
+
+
+def test_torch_crop_scorer_matches_the_reference(
+    bundled_fpr: torch.nn.Module, crops: np.ndarray, reference_scores: np.ndarray
+) -> None:
+    new = TorchCropScorer(bundled_fpr, input_size=56, batch_size=6)(crops)
+    np.testing.assert_allclose(new, reference_scores, atol=1e-5)
+    np.testing.assert_allclose(
+        score_crops(bundled_fpr, crops, input_size=56), reference_scores, atol=1e-5
+    )
 
 
 @needs_onnx
-def test_onnx_crop_scorer_matches_the_reference(bundled_fpr: torch.nn.Module) -> None:
-    crops = _crops(40)
-    ref = score_crops_reference(bundled_fpr, crops, input_size=56)
-    scorer = OnnxCropScorer(bundled_fpr, input_size=56, batch_size=16, threads=1)
-    np.testing.assert_allclose(scorer(crops), ref, atol=1e-5)
-    np.testing.assert_allclose(score_crops(scorer, crops, input_size=56), ref, atol=1e-5)
+def test_onnx_crop_scorer_matches_the_reference(
+    bundled_fpr: torch.nn.Module, crops: np.ndarray, reference_scores: np.ndarray
+) -> None:
+    scorer = OnnxCropScorer(bundled_fpr, input_size=56, batch_size=6, threads=1)
+    np.testing.assert_allclose(scorer(crops), reference_scores, atol=1e-5)
+    np.testing.assert_allclose(
+        score_crops(scorer, crops, input_size=56), reference_scores, atol=1e-5
+    )
     assert scorer(crops[:0]).shape == (0,)
 
 
@@ -307,14 +322,23 @@ def test_detector_rejects_an_unknown_backend() -> None:
         Detector.bundled(device="cpu", backend="fast")
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_detector_finds_what_the_reference_path_finds(phantom_path: Path, backend: str) -> None:
+@pytest.fixture(scope="module")
+def reference_detections(phantom_path: Path) -> ImageDetections:
+    """What the previous path (``backend="reference"``) finds on the phantom."""
     ref_det = Detector.bundled(device="cpu", calibrated=False, backend="reference")
+    assert ref_det.label == "reference"
+    return ref_det.detect(phantom_path)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_detector_finds_what_the_reference_path_finds(
+    phantom_path: Path, backend: str, reference_detections: ImageDetections
+) -> None:
     det = Detector.bundled(device="cpu", calibrated=False, backend=backend)
-    assert ref_det.label == "reference" and det.label in ("onnx", "torch")
+    assert det.label in ("onnx", "torch")
     timings: dict[str, tuple[float, float]] = {}
     new = det.detect(phantom_path, timings=timings)
-    ref = ref_det.detect(phantom_path)
+    ref = reference_detections
     assert tuple(timings) == STAGES
     assert all(w >= 0 and c >= 0 for w, c in timings.values())
     assert new.detections, "the phantom has µCs the bundled cascade proposes"
