@@ -4,8 +4,9 @@
 # build torch==2.13.0 when no torch is importable; a CUDA torch already in the venv
 # is kept), the project with its dev extras, and — when running as root — the Debian
 # packages the tests use (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, libpixelmed-java,
-# chromium, postgresql). `make test` also unpacks the pinned OHIF viewer into .cache/
-# (`make ohif`).
+# chromium, postgresql, dicomscope and a JDK). `make test` also unpacks the pinned OHIF
+# viewer into .cache/ (`make ohif`). The three set-up steps run side by side (apt, pip and
+# npm wait on different things), then the suite.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +14,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java chromium postgresql
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java chromium postgresql \
+	dicomscope default-jdk-headless
 # The OHIF viewer of the browser test (tests/test_ohif.py): the prebuilt @ohif/app from the
 # npm registry, pinned (3.13 cannot render mammograms with VOILUTFunction LINEAR).
 OHIF_VERSION ?= 3.12.10
@@ -38,9 +40,9 @@ $(STAMP): $(PY) pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch already importable: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "installing $(TORCH_PIN)"; $(PIP) install --quiet "$(TORCH_PIN)"; \
+		echo "installing $(TORCH_PIN)"; $(PIP) install --quiet --no-compile "$(TORCH_PIN)"; \
 	fi
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-compile -e ".[dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -57,6 +59,8 @@ system-deps:
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -f /usr/share/java/DICOMscope.jar || missing="$$missing dicomscope"; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = "0" ]; then \
 			echo "installing Debian packages:$$missing"; \
@@ -87,10 +91,12 @@ $(OHIF_CACHE)/dist/index.html:
 		rm -rf $(OHIF_CACHE); \
 	fi
 
-test: setup system-deps ohif
+test:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target setup system-deps ohif
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup system-deps
+demo:
+	@$(MAKE) --no-print-directory -j2 --output-sync=target setup system-deps
 	$(VENV)/bin/calcnode demo --out demo-out
 
 lint: setup
