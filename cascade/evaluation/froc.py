@@ -353,6 +353,15 @@ class FrocResult:
         (k_f,) = _check_ks([k], "k")
         return _recall_at(self.recall, self.fp_per_image, k_f)
 
+    def threshold_at_fp(self, k: float) -> float:
+        """The lowest score threshold whose FP/image is ≤ k (its recall is R@k).
+
+        ``inf`` (keep nothing) when even the best-scored detection exceeds ``k``.
+        """
+        (k_f,) = _check_ks([k], "k")
+        ok = np.flatnonzero(self.fp_per_image <= k_f * (1.0 + _REL_TOL) + 1e-12)
+        return float(self.thresholds[ok[-1]]) if ok.size else math.inf
+
     def recall_at_fp_per_cm2(self, k: float) -> float:
         """Largest recall with FP/cm² ≤ k; ``ValueError`` if breast areas were missing."""
         if self.fp_per_cm2 is None:

@@ -17,7 +17,9 @@ when their centres lie within ``cluster_distance_mm`` (default 5 mm). A connecte
 group of at least ``min_cluster_size`` (default 3) detections becomes a
 "Calcification Cluster" finding, with its members as "Individual Calcification"
 findings INFERRED FROM under it; every other detection is a top-level
-"Individual Calcification" finding.
+"Individual Calcification" finding. The grouping is
+:func:`cascade.evaluation.clusters.cluster_detections`, the one ``calcnode evaluate``
+scores cluster sensitivity with.
 
 Rendering intent
 ----------------
@@ -43,6 +45,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, MammographyCADSRStorage
 
+from cascade.evaluation.clusters import Cluster, cluster_detections
 from cascade.inference.detector import Detection, ImageDetections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
@@ -92,71 +95,6 @@ _PRESENTATION_REQUIRED = (
     "Presentation Required: Rendering device is expected to present",
 )
 _PRESENTATION_OPTIONAL = ("111151", "DCM", "Presentation Optional: Rendering device may present")
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A group of detections of one image; ``indices`` index ``ImageDetections.detections``."""
-
-    indices: tuple[int, ...]
-    is_cluster: bool
-
-
-def cluster_detections(
-    detections: ImageDetections, *, cluster_distance_mm: float = 5.0, min_cluster_size: int = 3
-) -> list[Cluster]:
-    """Group an image's detections by single-linkage within ``cluster_distance_mm``.
-
-    Parameters
-    ----------
-    detections : ImageDetections
-        Detections (x = column, y = row, received grid) and the grid's pixel spacing
-        (row spacing, column spacing) in mm.
-    cluster_distance_mm : float
-        Two detections whose centres are at most this far apart are linked.
-    min_cluster_size : int
-        Connected groups of at least this many detections are clusters; members of
-        smaller groups are returned as singletons (``is_cluster`` False).
-
-    Returns
-    -------
-    list of Cluster
-        Clusters first (largest first), then singletons, each sorted by index.
-    """
-    if not (isinstance(cluster_distance_mm, (int, float)) and cluster_distance_mm > 0):
-        raise ValueError(f"cluster_distance_mm must be positive, got {cluster_distance_mm!r}")
-    if isinstance(min_cluster_size, bool) or not isinstance(min_cluster_size, int):
-        raise TypeError("min_cluster_size must be an int")
-    if min_cluster_size < 2:
-        raise ValueError(f"min_cluster_size must be ≥ 2, got {min_cluster_size}")
-    dets = detections.detections
-    n = len(dets)
-    if n == 0:
-        return []
-    row_mm, col_mm = (float(s) for s in detections.pixel_spacing_mm)
-    xy_mm = np.array([[d.x * col_mm, d.y * row_mm] for d in dets])
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1:
-        from scipy.spatial import cKDTree
-
-        for i, j in cKDTree(xy_mm).query_pairs(r=float(cluster_distance_mm)):
-            parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    clusters = [
-        Cluster(tuple(sorted(g)), True) for g in groups.values() if len(g) >= min_cluster_size
-    ]
-    clusters.sort(key=lambda c: (-len(c.indices), c.indices[0]))
-    singles = sorted(i for g in groups.values() if len(g) < min_cluster_size for i in g)
-    return clusters + [Cluster((i,), False) for i in singles]
 
 
 # --- content items --------------------------------------------------------------------------
