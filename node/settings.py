@@ -8,6 +8,7 @@ you mean" for an unknown name. See docs/configuration.md: every key, layer and m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -20,7 +21,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, get_origin
 
 import tomli_w
 from pydantic import (
@@ -36,7 +37,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from node.errors import ConfigError
@@ -71,12 +71,14 @@ _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 10
 
 # --------------------------------------------------------------------------- value types
 def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
-    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``."""
+    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``
+    (a ``ValueError`` from ``ok`` is a no)."""
 
     def check(value: Any) -> Any:
-        if not ok(value):
-            raise ValueError(problem.format(v=value))
-        return value
+        with contextlib.suppress(ValueError):
+            if ok(value):
+                return value
+        raise ValueError(problem.format(v=value))
 
     return mode(check)
 
@@ -92,13 +94,6 @@ def _ae_title(value: str) -> str:
         if bad:
             raise ValueError(f"an AE title {problem}, got {value!r}")
     return value
-
-
-def _parses(parse: Callable[[str], object], value: str) -> bool:
-    try:
-        return parse(value) is not None
-    except ValueError:
-        return False
 
 
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
@@ -121,11 +116,13 @@ _LEVEL = f"must be one of {', '.join(LOG_LEVELS)}, got {{v!r}}"
 _DEVICE = "must be auto, cpu, cuda or cuda:N, got {v!r}"
 _OPERATING_POINT = "must be calibrated or all, got {v!r}"
 AETitle = Annotated[str, AfterValidator(_ae_title)]
-_IS_HOST = lambda v: _parses(ipaddress.ip_address, v) or _HOSTNAME.fullmatch(v[:254])  # noqa: E731
-Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name, got {v!r}")]
+_HOST = "must be an IP address or a host name, got {v!r}"
+Host = Annotated[
+    str, _check(lambda v: _HOSTNAME.fullmatch(v[:254]) or ipaddress.ip_address(v), _HOST)
+]
 Port = Annotated[int, _check(range(1, 65536).__contains__, "must be " + _PORT)]
 _PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) or " + _PORT)]
-_Network = Annotated[str, _check(functools.partial(_parses, ipaddress.ip_network), _NETWORK)]
+_Network = Annotated[str, _check(ipaddress.ip_network, _NETWORK)]
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
 _Device = Annotated[str, _check(DEVICE_PATTERN.fullmatch, _DEVICE)]
 _OperatingPoint = Annotated[str, _check(OPERATING_POINTS.__contains__, _OPERATING_POINT)]
@@ -383,13 +380,14 @@ class MonitoringSettings(_Section):
     http_port: _PortOrOff = 0
 
 
+_SECTIONS = _Section.__subclasses__()
+
+
 # --------------------------------------------------------------------------- Settings
 class Settings(BaseModel):
-    """The whole, validated configuration of a node (immutable).
+    """The whole, validated, immutable configuration of a node; ``Settings()`` is the default.
 
-    ``Settings()`` is the default configuration; the constructor takes section objects
-    (``Settings(node=NodeSettings(port=104))``), :func:`load_settings` gives it tables.
-    :attr:`sources` takes no part in equality.
+    The constructor takes section objects (``Settings(node=NodeSettings(port=104))``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -410,8 +408,8 @@ class Settings(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _objects(cls, value: Any, info: ValidationInfo) -> Any:
-        section = _model_of(cls.model_fields[str(info.field_name)])
-        if info.context is None and section is not None and not isinstance(value, section):
+        section = cls.model_fields[str(info.field_name)].annotation
+        if info.context is None and section in _SECTIONS and not isinstance(value, section):
             got = type(value).__name__
             raise TypeError(f"{info.field_name}: must be a {section.__name__}, got {got}")
         return value
@@ -430,15 +428,12 @@ class Settings(BaseModel):
                 raise _invalid(("destinations", index, "kinds"), problem) from None
         return self
 
-    def model_post_init(self, context: Any, /) -> None:
-        self._sources = (context or {}).get("sources", ())
-
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.__dict__ == other.__dict__
 
     @property
     def sources(self) -> tuple[str, ...]:
-        """The files, environment variables and ``--overrides`` that contributed."""
+        """The files, environment variables and ``--overrides`` read (not part of ``==``)."""
         return self._sources
 
     def destination_kinds(self, destination: DestinationSettings) -> tuple[str, ...]:
@@ -458,14 +453,6 @@ class Settings(BaseModel):
 
 # --------------------------------------------------------------------------- loading
 Trail = list[tuple[Key, str]]  # each key a layer set, with where it came from, lowest first
-
-
-def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | None:
-    """The model of a table field (``node``), or with ``items`` of a list of tables."""
-    hint = field.annotation
-    if items:
-        hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else None
-    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
 def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
@@ -583,11 +570,11 @@ def _explain(error: Mapping[str, Any], trail: Trail) -> str:
         *table, name = loc
         if not table:
             return f"unknown section [{name}] ({origin}){_hint(str(name), Settings.model_fields)}"
-        cls: type[BaseModel] = Settings
-        for part in (p for p in table if isinstance(p, str)):
-            cls = _model_of(field := cls.model_fields[part]) or _model_of(field, items=True) or cls
+        known: Any = DestinationSettings.model_fields  # a table in destinations, else defaults:
+        if table[0] != "destinations":
+            known = functools.reduce(lambda t, k: t[k], map(str, table), Settings().model_dump())
         where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
-        hint, known = _hint(str(name), cls.model_fields), ", ".join(cls.model_fields)
+        hint, known = _hint(str(name), known), ", ".join(known)
         return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
     if kind == "missing":
         return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
@@ -603,29 +590,12 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Load, merge and validate the configuration (the layers: see the module docstring).
-
-    Parameters
-    ----------
-    config_file : str or path-like, optional
-        The TOML file; default ``$CALCNODE_CONFIG``, else none. Its drop-ins
-        ``conf.d/*.toml`` follow it; a relative path in a file is relative to its folder.
-    environ : mapping, optional
-        Where ``CALCNODE_*`` variables are read; default ``os.environ``, ``{}`` for none.
-    overrides : mapping, optional
-        Command-line values by dotted key (``{"node.port": "104"}``) or nested table;
-        strings are parsed like environment values; ``None`` is an option not given.
-
-    Returns
-    -------
-    Settings
-        The validated configuration; ``sources`` lists what contributed.
-
-    Raises
-    ------
-    ConfigError
-        A missing file, invalid TOML, an unknown name, a wrong type or value; the
-        message names the key and where its value came from.
+    """The configuration from, lowest first: the defaults; ``config_file`` (else
+    ``$CALCNODE_CONFIG``) and its drop-ins ``conf.d/*.toml`` (relative paths: from their
+    folder); ``environ`` (default ``os.environ``): ``CALCNODE_<SECTION>__<KEY>`` and
+    ``CALCNODE_DESTINATIONS`` (JSON); ``overrides`` by dotted key (``{"node.port": "104"}``)
+    or nested table, ``None`` for an option not given. Text from the last two is parsed by
+    type. A :class:`ConfigError` names the key and the file or variable that set it.
     """
     env = os.environ if environ is None else environ
     config_file = (env.get(ENV_CONFIG) or None) if config_file is None else config_file
@@ -650,11 +620,11 @@ def load_settings(
         _merge(data, table)
         trail += [(key, describe(key)) for key, _ in _flatten(table)]
     flags = [f"--{'.'.join(key)}" for key, _ in _flatten(layers[-1][0])]
-    sources = (*map(str, files), *(name for name, _ in variables), *flags)
     try:
-        settings = Settings.model_validate(data, context={"sources": sources})
+        settings = Settings.model_validate(data, context={"loading": True})
     except ValidationError as exc:
         raise ConfigError(_explain(exc.errors()[0], trail)) from None
+    settings._sources = (*map(str, files), *(name for name, _ in variables), *flags)
     tls = settings.node.tls  # the files the node will open: fail now, not on first use
     names = ("cert_file", "key_file", "ca_file") if tls.enabled else ()
     needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
@@ -675,11 +645,8 @@ def log_effective_settings(settings: Settings, *, log: logging.Logger | None = N
 
 # --------------------------------------------------------------------------- TOML output
 def dump_toml(settings: Settings) -> str:
-    """The configuration as TOML that :func:`load_settings` reads back to equal settings.
-
-    ``None`` paths are written as ``""``, and so is a ``database_url`` that is the one
-    derived from ``storage.root`` (so that editing ``root`` moves the database too).
-    """
+    """TOML that :func:`load_settings` reads back to equal settings (``None`` as ``""``,
+    and a ``database_url`` derived from ``storage.root``, so it follows ``root``)."""
     empty = lambda table: {k: "" if v is None else v for k, v in table.items()}  # noqa: E731
     data = json.loads(json.dumps(settings.as_dict()), object_hook=empty)
     if settings.storage.database_url == StorageSettings(root=settings.storage.root).database_url:
@@ -688,11 +655,8 @@ def dump_toml(settings: Settings) -> str:
 
 
 def default_config_text() -> str:
-    """The default configuration file, for ``/etc/calcnode/calcnode.toml``.
-
-    ``config/calcnode.toml`` (:data:`DEFAULT_CONFIG_PATH`) with its comments in a source
-    tree; else the defaults rendered by :func:`dump_toml`. Both load to ``Settings()``.
-    """
+    """``/etc/calcnode/calcnode.toml``: :data:`DEFAULT_CONFIG_PATH` (with its comments),
+    else (an installed package) the defaults by :func:`dump_toml`."""
     if DEFAULT_CONFIG_PATH is not None:
         return DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
     header = "# calcnode configuration: the built-in defaults (docs/configuration.md: every key)."
