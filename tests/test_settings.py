@@ -450,6 +450,27 @@ def test_nested_tls_environment_variables(tmp_path: Path) -> None:
     assert s.node.tls == TLSSettings(enabled=True, cert_file=cert, key_file=key)
 
 
+def test_relative_paths_from_environment_follow_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(environ={"CALCNODE_STORAGE__ROOT": "data"}, overrides={"model.path": ""})
+    assert s.storage.root == tmp_path / "data"
+    assert s.model.path is None
+
+
+def test_conflicting_overrides_are_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"override node\.port: conflicts with another"):
+        load_settings(environ={}, overrides={"node": 5, "node.port": 1})
+
+
+def test_bad_json_list_in_environment_names_key_and_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"CALCNODE_NODE__ALLOWED_HOSTS": '["10.0.0.0/8"'})
+    assert str(info.value).startswith("node.allowed_hosts: not a valid JSON array")
+    assert str(info.value).endswith("(environment variable CALCNODE_NODE__ALLOWED_HOSTS)")
+
+
 def test_float_environment_value() -> None:
     assert (
         load_settings(environ={"CALCNODE_STUDY__QUIET_SECONDS": "2.5"}).study.quiet_seconds == 2.5
