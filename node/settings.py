@@ -452,9 +452,6 @@ class Settings(BaseModel):
 
 
 # --------------------------------------------------------------------------- loading
-Trail = list[tuple[Key, str]]  # each key a layer set, with where it came from, lowest first
-
-
 def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
     """``(key, value)`` of every setting in a nested table (key: ``("node", "port")``)."""
     for key, value in table.items():
@@ -503,7 +500,7 @@ def _file_origin(path: Path, key: Key) -> str:
     return f"from {path}" + (f", section [{'.'.join(key[:-1])}]" if key[1:] else "")
 
 
-def _origin(trail: Trail, loc: Loc) -> str:
+def _origin(trail: list[tuple[Key, str]], loc: Loc) -> str:
     """Where the value at ``loc`` came from: its key or one inside it, else one beside it."""
     key = tuple(itertools.takewhile(lambda part: isinstance(part, str), loc))
     for near in (lambda k: k[: len(key)] == key, lambda k: k[:-1] == key[:-1]):
@@ -562,7 +559,7 @@ def _overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return _mark(table, None)
 
 
-def _explain(error: Mapping[str, Any], trail: Trail) -> str:
+def _explain(error: Mapping[str, Any], trail: list[tuple[Key, str]]) -> str:
     """A pydantic error as the message of a ConfigError: key, problem, origin."""
     loc, kind = _loc(error), error["type"]
     origin = _origin(trail, loc)
@@ -615,7 +612,7 @@ def load_settings(
         (_overrides(overrides or {}), lambda key: f"command-line override {'.'.join(key)}"),
     ]
     data: dict[str, Any] = {}
-    trail: Trail = []
+    trail: list[tuple[Key, str]] = []
     for table, describe in layers:
         _merge(data, table)
         trail += [(key, describe(key)) for key, _ in _flatten(table)]
@@ -625,11 +622,9 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(_explain(exc.errors()[0], trail)) from None
     settings._sources = (*map(str, files), *(name for name, _ in variables), *flags)
-    tls = settings.node.tls  # the files the node will open: fail now, not on first use
-    names = ("cert_file", "key_file", "ca_file") if tls.enabled else ()
-    needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
-    needed |= {("node", "tls", n): getattr(tls, n) for n in names}
-    for key, file in needed.items():
+    names = ("cert_file", "key_file", "ca_file") if settings.node.tls.enabled else ()
+    for key in [("model", "path"), *(("node", "tls", n) for n in names)]:  # opened later:
+        file: Any = functools.reduce(getattr, key, settings)  # fail now, not on first use
         if file is not None and not file.is_file():
             raise ConfigError(f"{'.'.join(key)}: no such file {file} ({_origin(trail, key)})")
     return settings
