@@ -48,12 +48,13 @@ Schema version
 --------------
 The database is created from the models (``create_all``) and stamped with
 :data:`storage.models.SCHEMA_VERSION`; opening checks the stamp, applies the upgrades it
-knows (:data:`UPGRADES`: 1 → 2 adds ``studies.report_error``), in the same transaction,
-and refuses any other version, or a file that is not a calcnode database, with
-:class:`~storage.errors.SchemaVersionError`. One version number for both backends; on
-PostgreSQL the opening transaction first takes an advisory lock, so processes starting
-together on an empty database create (or upgrade) it once. Adopt Alembic when an upgrade
-is more than a statement or two.
+knows (:data:`UPGRADES`: 1 → 2 adds ``studies.report_error``; 2 → 3 replaces the jobs
+index on ``(state, next_attempt_at)`` by one on ``(state, next_attempt_at, id)``, the
+claim's order), in the same transaction, and refuses any other version, or a file that
+is not a calcnode database, with :class:`~storage.errors.SchemaVersionError`. One
+version number for both backends; on PostgreSQL the opening transaction first takes an
+advisory lock, so processes starting together on an empty database create (or upgrade)
+it once. Adopt Alembic when an upgrade is more than a statement or two.
 
 Times are timezone-aware UTC datetimes. Every method that depends on the time takes an
 optional keyword ``now`` (tests inject it); otherwise the database's clock is used.
@@ -103,6 +104,14 @@ logger = logging.getLogger(__name__)
 #: plain SQL both SQLite and PostgreSQL run, applied in the opening transaction.
 UPGRADES: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE studies ADD COLUMN report_error TEXT",),
+    # The claim's order within a state (next_attempt_at, then id) as an index: a claim
+    # reads its first due entry instead of sorting the due rows. The old index is its
+    # prefix, so it goes. (IF [NOT] EXISTS: a database given the index by hand.)
+    2: (
+        "CREATE INDEX IF NOT EXISTS ix_jobs_state_next_attempt_id "
+        "ON jobs (state, next_attempt_at, id)",
+        "DROP INDEX IF EXISTS ix_jobs_state_next_attempt",
+    ),
 }
 
 

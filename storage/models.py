@@ -28,9 +28,11 @@ Schema version
 --------------
 :data:`SCHEMA_VERSION` is the version these models describe, stamped into
 ``schema_version`` when :func:`storage.database.prepare_schema` creates a database and
-checked every time one is opened. :func:`storage.database.prepare_schema` knows one
-upgrade (1 → 2: ``studies.report_error``), applied at open; any other version is
-refused. Adopt Alembic when upgrades stop being one statement.
+checked every time one is opened. :func:`storage.database.prepare_schema` knows the
+upgrades 1 → 2 (``studies.report_error``) and 2 → 3 (the claim's index
+``ix_jobs_state_next_attempt_id`` replaces ``ix_jobs_state_next_attempt``), applied at
+open; any other version is refused. Adopt Alembic when upgrades stop being a statement
+or two.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ __all__ = [
     "utcnow",
 ]
 
-#: The schema version the models in this module describe (2: ``studies.report_error``).
-SCHEMA_VERSION = 2
+#: The schema version the models in this module describe (2: ``studies.report_error``;
+#: 3: the jobs index on ``(state, next_attempt_at, id)``).
+SCHEMA_VERSION = 3
 
 #: Written into ``schema_version.application``: recognises a calcnode database.
 APPLICATION_NAME = "calcnode"
@@ -163,6 +166,11 @@ class Job(Base):
     ``path`` is relative to the file store's root. ``attempts`` counts claims (a claim
     is an attempt, whether it ends in ``complete``, ``fail`` or an expired lease).
     ``result`` is the worker's JSON summary (e.g. ``{"paths": [...], "findings": 3}``).
+
+    ``ix_jobs_state_next_attempt_id`` is the claim's order (``next_attempt_at``, then
+    ``id``) within a state: a claim reads the first due entry of the index, whatever
+    the backlog and however many jobs share one ``next_attempt_at`` (a bulk retry),
+    instead of sorting every due row.
     """
 
     __tablename__ = "jobs"
@@ -170,7 +178,7 @@ class Job(Base):
         CheckConstraint(f"state IN {_in(JOB_STATES)}", name="ck_jobs_state"),
         CheckConstraint("attempts >= 0", name="ck_jobs_attempts"),
         CheckConstraint("max_attempts >= 1", name="ck_jobs_max_attempts"),
-        Index("ix_jobs_state_next_attempt", "state", "next_attempt_at"),
+        Index("ix_jobs_state_next_attempt_id", "state", "next_attempt_at", "id"),
         Index("ix_jobs_study", "study_instance_uid"),
     )
 

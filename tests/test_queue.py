@@ -1021,24 +1021,81 @@ def test_open_refuses_a_database_with_an_older_schema_version(
         open_database(database_url)
 
 
+#: What version 2 had instead of version 3's claim index.
+_VERSION_2_INDEX = (
+    "DROP INDEX ix_jobs_state_next_attempt_id",
+    "CREATE INDEX ix_jobs_state_next_attempt ON jobs (state, next_attempt_at)",
+)
+
+
+def _jobs_indexes(database: Database) -> dict[str, list[str]]:
+    with database.engine.connect() as con:
+        return {i["name"]: list(i["column_names"]) for i in inspect(con).get_indexes("jobs")}
+
+
+def _stamped_version(database: Database) -> int:
+    with database.engine.connect() as con:
+        return int(con.execute(text("SELECT version FROM schema_version")).scalar_one())
+
+
 def test_open_upgrades_a_version_1_database_keeping_its_rows(database_url: str) -> None:
     database = open_database(database_url, policy=policy())
     enqueue(database, "1.1")
     database.close()
-    # A database as version 1 wrote it: without studies.report_error.
+    # A database as version 1 wrote it: without studies.report_error, with the old index.
     execute(
         database_url,
         "ALTER TABLE studies DROP COLUMN report_error",
+        *_VERSION_2_INDEX,
         "UPDATE schema_version SET version = 1",
     )
     database = open_database(database_url, policy=policy())
     try:
         assert database.studies.get_study(STUDY).report_error is None
         assert database.jobs.get_job(1).sop_instance_uid == "1.1"
-        with database.engine.connect() as con:
-            assert con.execute(text("SELECT version FROM schema_version")).scalar() == 2
+        assert _stamped_version(database) == SCHEMA_VERSION == 3
+        assert "ix_jobs_state_next_attempt_id" in _jobs_indexes(database)
     finally:
         database.close()
+
+
+def test_open_upgrades_a_version_2_database_to_the_claim_index(database_url: str) -> None:
+    database = open_database(database_url, policy=policy())
+    enqueue(database, "1.1")
+    enqueue(database, "1.2")
+    assert database.jobs.claim("w", lease_seconds=60, now=at(1)) is not None
+    database.close()
+    execute(database_url, *_VERSION_2_INDEX, "UPDATE schema_version SET version = 2")
+
+    database = open_database(database_url, policy=policy())
+    try:
+        indexes = _jobs_indexes(database)
+        assert indexes["ix_jobs_state_next_attempt_id"] == ["state", "next_attempt_at", "id"]
+        assert "ix_jobs_state_next_attempt" not in indexes  # its prefix: redundant
+        assert _stamped_version(database) == 3
+        # The rows and their states came through; the queue goes on where it was.
+        assert [database.jobs.get_job(n).state for n in (1, 2)] == ["running", "queued"]
+        job = database.jobs.claim("w", lease_seconds=60, now=at(2))
+        assert job is not None and job.sop_instance_uid == "1.2"
+    finally:
+        database.close()
+    # Opening it again finds version 3 and changes nothing.
+    database = open_database(database_url, policy=policy())
+    try:
+        assert _stamped_version(database) == 3
+        assert _jobs_indexes(database) == indexes
+    finally:
+        database.close()
+
+
+def test_a_fresh_database_has_the_claim_index_and_not_the_old_one(database_url: str) -> None:
+    database = open_database(database_url)
+    try:
+        indexes = _jobs_indexes(database)
+    finally:
+        database.close()
+    assert indexes["ix_jobs_state_next_attempt_id"] == ["state", "next_attempt_at", "id"]
+    assert "ix_jobs_state_next_attempt" not in indexes
 
 
 def test_a_database_that_cannot_be_opened_is_unavailable_not_foreign(tmp_path: Path) -> None:
