@@ -195,8 +195,19 @@ def _cmd_train_calibrate(args: argparse.Namespace) -> int:
         max_detections=args.max_detections,
         device=args.device,
         progress=not args.quiet,
+        target_cluster_fp=args.target_cluster_fp,
+        cluster_fp_per=args.cluster_fp_per,
     )
     cal = op.calibration
+    if args.target_cluster_fp is not None:
+        fn = cal["false_cluster_marks_per_normal_image"]
+        print(
+            f"cluster-level target {args.target_cluster_fp:g} false cluster marks per "
+            f"{args.cluster_fp_per.replace('-', ' ')}: cluster sensitivity "
+            f"{100 * cal['cluster_sensitivity']:.1f} % ({cal['truth_clusters_found']}/"
+            f"{cal['n_truth_clusters']}), {cal['false_cluster_marks_per_image']:.3f} false "
+            f"cluster marks per image, {'–' if fn is None else f'{fn:.3f}'} per normal image"
+        )
     print(
         f"operating point stored in {args.weights}/weights.json: FPR probability ≥ "
         f"{op.fpr_threshold:g}, final score ≥ {op.min_score:.4g} → {cal['fp_per_image']:.2f} "
@@ -291,6 +302,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--manifest", type=Path, required=True, help="validation manifest (.jsonl)")
     cal.add_argument(
         "--target-fp", type=float, default=1.0, help="false positives per image (default 1)"
+    )
+    cal.add_argument(
+        "--target-cluster-fp",
+        type=float,
+        help="calibrate for a cluster-level target instead: at most this many false cluster "
+        "marks (CAD SR grouping) per image, or per normal image with --cluster-fp-per; the "
+        "most sensitive such threshold (truth clusters found) is stored",
+    )
+    cal.add_argument(
+        "--cluster-fp-per",
+        choices=("image", "normal-image"),
+        default="image",
+        help="denominator of --target-cluster-fp (default image)",
     )
     cal.add_argument(
         "--fpr-threshold",
@@ -407,13 +431,48 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- evaluate
+def _evaluate_operating_point(args: argparse.Namespace) -> Any:
+    """The point ``calcnode evaluate`` reports at, besides the whole curve.
+
+    ``--operating-point FILE``; else, for ``--detections``, the ``operating_point.json``
+    beside it (``calcnode detect`` writes one when a point filtered the detections);
+    else the weights' point (bundled or ``--asn``/``--fpr``: the stored calibrated one, or
+    the FPR's decision alone).
+    """
+    import json
+
+    from cascade.evaluation.operating_point import OperatingPoint
+    from cascade.inference.weights import ModelWeights
+
+    path = args.operating_point
+    if path is None and args.detections is not None:
+        beside = args.detections.parent / OPERATING_POINT_FILE
+        path = beside if beside.is_file() else None
+    if path is not None:
+        try:
+            return OperatingPoint.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CalcnodeError(f"{path}: not an operating point: {exc}") from None
+    if args.asn is None:
+        if args.fpr is not None:
+            raise CalcnodeError("--fpr needs --asn (without both: the bundled weights)")
+        weights = ModelWeights.bundled_weights()
+    else:
+        weights = ModelWeights.at(args.asn, args.fpr)
+    return weights.operating_point()
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
+
+    import numpy as np
 
     from cascade.data.io import read_mammogram
     from cascade.data.manifest import read_manifest
     from cascade.data.preprocess import preprocess_mammogram
-    from cascade.evaluation.froc import froc, froc_table, images_from_detections, plot_froc
+    from cascade.evaluation.bins import measure_contrast
+    from cascade.evaluation.froc import froc_table, plot_froc
+    from cascade.evaluation.summary import evaluate_detections
 
     records = read_manifest(args.manifest)
     if args.detections is not None:
@@ -428,21 +487,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         detector = _detector(args, calibrated=False)
         detections = {"images": [detector.detect(r.path).to_json() for r in records]}
+    op = _evaluate_operating_point(args)
     areas = {}
+    contrasts = {}
     for rec in records:
         pre = preprocess_mammogram(read_mammogram(rec.path))
         sr, sc = pre.transform.work_spacing_mm
         areas[rec.sop_instance_uid] = float(pre.breast_mask.sum()) * sr * sc / 100.0
-    result = froc(
-        images_from_detections(records, detections, breast_areas_cm2=areas),
+        xy = np.array([[c.x, c.y] for c in rec.calcifications], float).reshape(-1, 2)
+        contrasts[rec.sop_instance_uid] = measure_contrast(
+            pre.image,
+            pre.breast_mask,
+            pre.transform.to_work(xy),
+            [c.diameter_mm for c in rec.calcifications],
+            spacing_mm=sr,
+        )
+    evaluation = evaluate_detections(
+        records,
+        detections,
+        operating_point=op,
+        breast_areas_cm2=areas,
+        contrasts=contrasts,
         use_ignore=args.ignore_others,
+        truth=args.truth_clusters,
     )
+    result = evaluation.froc
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "froc.json").write_text(json.dumps(result.to_json(), indent=1))
+    # froc.json: the FrocResult's keys (FrocResult.from_json reads it) plus the clusters,
+    # the recall per bin and the operating point.
+    (args.out / "froc.json").write_text(
+        json.dumps({**result.to_json(), **evaluation.to_json()}, indent=1)
+    )
     plot_froc({args.label: result}, args.out / "froc.png", title=str(args.manifest))
     table = froc_table({args.label: result}, ks=(0.5, 1, 2, 5, 10, 15, 20))
-    (args.out / "froc.md").write_text(table + "\n")
-    print(table)
+    text = table + "\n" + evaluation.text()
+    (args.out / "froc.md").write_text(text + "\n")
+    print(text)
     print(
         f"{result.n_truth} µCs in {result.n_images} images; wrote {args.out}/froc.json, "
         "froc.png, froc.md"
@@ -453,10 +533,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="FROC of detections against a manifest (1-mm rule)",
+        help="FROC of detections against a manifest (1-mm rule), cluster sensitivity, "
+        "recall per size and contrast bin",
         description="FROC with the paper's rule: a µC is recalled when a detection lies within "
-        "1 mm; other detections are false positives. Evaluates a detections.json, or runs the "
-        "detector (bundled weights or --asn/--fpr) on the manifest's images.",
+        "1 mm; other detections are false positives. Beside it, cluster-level figures with the "
+        "CAD SR's grouping (a truth cluster is found when a reported cluster holds >= 2 of its "
+        "µCs; false cluster marks per image and per normal image) and µC recall per size and "
+        "contrast bin, at the FROC points R@1 and R@5 and at the operating point. Evaluates a "
+        "detections.json, or runs the detector (bundled weights or --asn/--fpr) on the "
+        "manifest's images.",
     )
     p.add_argument("--manifest", type=Path, required=True, help="ground truth (.jsonl)")
     p.add_argument("--detections", type=Path, help="detections.json from calcnode detect")
@@ -466,6 +551,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--ignore-others",
         action="store_true",
         help="detections on non-µC calcifications count neither way",
+    )
+    p.add_argument(
+        "--operating-point",
+        type=Path,
+        help="operating_point.json to report at (default: the one beside --detections, "
+        "else the weights' stored point)",
+    )
+    p.add_argument(
+        "--truth-clusters",
+        choices=("auto", "outlines", "rule"),
+        default="auto",
+        help="truth clusters from the manifest's cluster outlines, or the report's own "
+        "grouping (5 mm, ≥ 3) of the truth µCs (auto: outlines when the manifest has any)",
     )
     p.add_argument("--asn", type=Path, help="ASN checkpoint (default: bundled weights)")
     p.add_argument("--fpr", type=Path, help="FPR checkpoint (default: bundled weights)")

@@ -8,6 +8,7 @@ cluster is found when one reported cluster holds ≥ 2 of its µCs within 1 mm (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from cascade.evaluation.clusters import (
     truth_source,
 )
 from cascade.evaluation.froc import ImageEval
+from cascade.evaluation.operating_point import calibrate_operating_point
 
 SPACING = (0.1, 0.1)
 
@@ -172,6 +174,10 @@ def test_binned_recall_splits_calcifications_by_size() -> None:
     assert table.counts == (1, 1, 1, 1) and table.n_outside == 1
     assert table.recall["high"] == (1.0, 0.0, 0.0, 0.0)
     assert table.recall["low"] == (1.0, 0.0, 1.0, 1.0)
+    every = binned_recall(
+        sizes, {"all": ([all_cands], -math.inf)}, edges=SIZE_EDGES_MM, quantity="size", unit="mm"
+    )
+    assert every.recall["all"] == (1.0, 0.0, 1.0, 1.0)  # a missed µC stays missed
     assert "| 0.5–1 | 1 | 0.0 | 100.0 |" in table.table()
 
 
@@ -200,4 +206,44 @@ def test_measure_contrast_is_peak_minus_the_ring_background() -> None:
         measure_contrast(image, np.zeros_like(mask), np.array([[30, 30]]), [0.1], spacing_mm=0.07)[
             0
         ]
+    )
+
+
+# --------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class _Det:
+    x: float
+    y: float
+    score: float
+    fpr_score: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Scored:
+    detections: tuple[_Det, ...]
+    pixel_spacing_mm: tuple[float, float] = SPACING
+
+
+def test_calibration_for_a_cluster_target_keeps_the_cluster_and_drops_the_false_one() -> None:
+    # A found cluster scored 0.9/0.8/0.7, a false triplet on a normal image at 0.5: a
+    # target of 0 false cluster marks per normal image stops at 0.7.
+    cancer = _Scored(
+        tuple(_Det(x, y, s) for (x, y), s in zip(TRUTH[:3], (0.9, 0.8, 0.7), strict=True))
+    )
+    normal = _Scored(tuple(_Det(300 + 10 * i, 300, 0.5) for i in range(3)))
+    op = calibrate_operating_point(
+        [(cancer, np.array(TRUTH, float)), (normal, np.zeros((0, 2)))],
+        target_fp_per_image=1.0,
+        target_cluster_fp=0.0,
+        cluster_fp_per="normal-image",
+    )
+    assert op.min_score == 0.7
+    cal = op.calibration
+    assert cal["cluster_sensitivity"] == 1.0 and cal["false_cluster_marks_per_normal_image"] == 0.0
+    # The µC target alone (1 FP/image) would have gone down to 0.5.
+    assert (
+        calibrate_operating_point(
+            [(cancer, np.array(TRUTH, float)), (normal, np.zeros((0, 2)))], target_fp_per_image=1.5
+        ).min_score
+        == 0.5
     )

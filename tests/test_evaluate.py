@@ -586,3 +586,62 @@ def test_froc_table_rejects_empty_results_and_empty_ks() -> None:
         froc_table({})
     with pytest.raises(ValueError, match="ks"):
         froc_table({"x": froc(_three_images())}, ks=())
+
+
+# --------------------------------------------------------------------------- calcnode evaluate
+def test_calcnode_evaluate_reports_clusters_and_recall_per_bin(
+    phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Perfect detections find every truth cluster; a false triplet on a normal image counts."""
+    from cascade.data.manifest import read_manifest
+    from node.cli import main
+
+    records = read_manifest(phantoms)
+    normal = next(r for r in records if not r.calcifications)
+    images = []
+    for rec in records:
+        dets = [{"x": c.x, "y": c.y} for c in rec.calcifications]
+        if rec is normal:
+            x0, y0 = rec.columns / 2, rec.rows / 2
+            dets = [{"x": x0 + 10 * i, "y": y0} for i in range(3)]
+        images.append(
+            {
+                "sop_instance_uid": rec.sop_instance_uid,
+                "rows": rec.rows,
+                "columns": rec.columns,
+                "detections": [
+                    {**d, "score": 1.0, "asn_score": 1.0, "fpr_score": 1.0, "radius_px": 3.0}
+                    for d in dets
+                ],
+            }
+        )
+    det_dir = tmp_path / "det"
+    det_dir.mkdir()
+    (det_dir / "detections.json").write_text(json.dumps({"images": images}))
+    (det_dir / "operating_point.json").write_text(
+        json.dumps({"fpr_threshold": 0.5, "min_score": 0.0, "max_detections": 0})
+    )
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--manifest",
+        str(phantoms),
+        "--detections",
+        str(det_dir / "detections.json"),
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads((out / "froc.json").read_text())
+    FrocResult.from_json(data)  # still the FROC document
+    point = data["clusters"]["points"]["operating point"]
+    n_clusters = sum(len(r.clusters) for r in records)
+    assert n_clusters > 0 and point["n_truth_clusters"] == n_clusters
+    assert point["sensitivity"] == 1.0
+    n_normal = sum(1 for r in records if not r.calcifications)
+    assert point["false_marks"] == 1 and point["false_marks_normal"] == 1
+    assert point["false_marks_per_normal_image"] == pytest.approx(1 / n_normal)
+    sizes = data["recall_by_bin"]["size"]
+    assert sizes["bins"] == ["0.1–0.2", "0.2–0.3", "0.3–0.5", "0.5–1"]
+    assert all(v in (1.0, None) for v in sizes["recall"]["operating point"])
+    assert sum(data["recall_by_bin"]["contrast"]["counts"]) > 0
+    text = capsys.readouterr().out
+    assert "cluster sensitivity" in text and "µC recall per size bin" in text

@@ -169,7 +169,8 @@ def binned_recall(
                     f"columns[{name!r}]: an image has {image.n_truth} µCs but {v.shape[0]} values"
                 )
             match = match_image(image, radius_mm=radius_mm, use_ignore=use_ignore)
-            hits.append(match.truth_hit_score >= threshold)
+            score = match.truth_hit_score
+            hits.append(np.isfinite(score) & (score >= threshold))
         hit = np.concatenate(hits) if hits else np.zeros(0, bool)
         recalled = np.bincount(bins[(bins >= 0) & hit], minlength=n_bins)
         recall[name] = tuple(

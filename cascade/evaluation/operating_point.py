@@ -174,8 +174,16 @@ def calibrate_operating_point(
     fpr_threshold: float = 0.5,
     max_detections: int = 0,
     description: Mapping[str, Any] | None = None,
+    target_cluster_fp: float | None = None,
+    cluster_fp_per: str = "image",
 ) -> OperatingPoint:
     """Choose ``min_score`` so that about ``target_fp_per_image`` false positives remain.
+
+    With ``target_cluster_fp`` the target is cluster-level instead: the most sensitive
+    threshold (truth clusters found, :mod:`cascade.evaluation.clusters`, ties to the
+    highest threshold) whose false cluster marks per image (``cluster_fp_per="image"``)
+    or per normal image (``"normal-image"``) do not exceed it. The truth clusters are
+    the report's own grouping (5 mm, ≥ 3) of each image's µCs.
 
     Parameters
     ----------
@@ -200,6 +208,10 @@ def calibrate_operating_point(
     """
     if not (target_fp_per_image > 0 and math.isfinite(target_fp_per_image)):
         raise ValueError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")
+    if target_cluster_fp is not None and not (
+        target_cluster_fp >= 0 and math.isfinite(target_cluster_fp)
+    ):
+        raise ValueError(f"target_cluster_fp must be ≥ 0, got {target_cluster_fp!r}")
     if not results:
         raise ValueError("calibration needs at least one image")
     selector = OperatingPoint(fpr_threshold=fpr_threshold, max_detections=max_detections)
@@ -219,6 +231,16 @@ def calibrate_operating_point(
             )
         )
     curve = froc(evals)
+    if target_cluster_fp is not None:
+        return _calibrate_clusters(
+            evals,
+            curve,
+            target=float(target_cluster_fp),
+            per=cluster_fp_per,
+            fpr_threshold=fpr_threshold,
+            max_detections=max_detections,
+            description=description,
+        )
     ok = np.flatnonzero(curve.fp_per_image <= target_fp_per_image)
     if len(ok):
         i = int(ok[-1])
@@ -245,5 +267,59 @@ def calibrate_operating_point(
             "target_fp_per_image": float(target_fp_per_image),
             "fp_per_image": float(fp),
             "recall": float(recall),
+        },
+    )
+
+
+def _calibrate_clusters(
+    evals: Sequence[ImageEval],
+    curve: Any,
+    *,
+    target: float,
+    per: str,
+    fpr_threshold: float,
+    max_detections: int,
+    description: Mapping[str, Any] | None,
+) -> OperatingPoint:
+    """The cluster-level choice of :func:`calibrate_operating_point`."""
+    from cascade.evaluation.clusters import ClusterCase, cluster_froc, truth_clusters
+
+    cases = [ClusterCase(e, truth_clusters(e.truth_xy, e.spacing_mm, source="rule")) for e in evals]
+    clusters = cluster_froc(cases)
+    best = clusters.best_within(target, per=per)
+    if best is None or not math.isfinite(best.threshold):
+        logger.warning(
+            "no score threshold leaves at most %g false cluster marks per %s on these %d "
+            "images: the operating point reports nothing",
+            target,
+            per.replace("-", " "),
+            curve.n_images,
+        )
+        top = float(curve.thresholds[0]) if len(curve.thresholds) else 0.0
+        min_score = math.nextafter(top, math.inf) if len(curve.thresholds) else 0.0
+        point = clusters.point(min_score)
+    else:
+        min_score, point = best.threshold, best
+    idx = int(np.count_nonzero(curve.thresholds >= min_score)) - 1
+    fp = float(curve.fp_per_image[idx]) if idx >= 0 else 0.0
+    recall = float(curve.recall[idx]) if idx >= 0 else 0.0
+    return OperatingPoint(
+        fpr_threshold=fpr_threshold,
+        min_score=float(min_score),
+        max_detections=max_detections,
+        calibration={
+            **dict(description or {}),
+            "images": curve.n_images,
+            "calcifications": curve.n_truth,
+            "target_cluster_fp": target,
+            "cluster_fp_per": per,
+            "truth_clusters": "rule",
+            "fp_per_image": fp,
+            "recall": recall,
+            "cluster_sensitivity": float(point.sensitivity),
+            "truth_clusters_found": int(point.found),
+            "n_truth_clusters": int(point.n_truth_clusters),
+            "false_cluster_marks_per_image": float(point.false_marks_per_image),
+            "false_cluster_marks_per_normal_image": point.false_marks_per_normal_image,
         },
     )

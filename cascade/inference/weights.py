@@ -330,8 +330,14 @@ def calibrate_weights(
     max_detections: int = 0,
     device: str = "auto",
     progress: bool = True,
+    target_cluster_fp: float | None = None,
+    cluster_fp_per: str = "image",
 ) -> OperatingPoint:
     """Choose a weights folder's operating point on validation images; store it.
+
+    With ``target_cluster_fp`` the threshold is chosen for a cluster-level target
+    instead (false cluster marks per image or per normal image, ``cluster_fp_per``;
+    :func:`cascade.evaluation.operating_point.calibrate_operating_point`).
 
     Runs the folder's cascade (``asn.pt``, ``fpr.pt``) on every image of ``manifest``,
     drops candidates the FPR calls false positives (probability < ``fpr_threshold``)
@@ -355,9 +361,7 @@ def calibrate_weights(
         and target_fp_per_image > 0
         and math.isfinite(target_fp_per_image)
     ):
-        raise CalibrationError(
-            f"target_fp_per_image must be positive, got {target_fp_per_image!r}"
-        )
+        raise CalibrationError(f"target_fp_per_image must be positive, got {target_fp_per_image!r}")
     try:  # the other options, checked before the cascade runs on every image
         OperatingPoint(fpr_threshold=fpr_threshold, max_detections=max_detections)
     except (TypeError, ValueError) as exc:
@@ -389,6 +393,8 @@ def calibrate_weights(
         target_fp_per_image=target_fp_per_image,
         fpr_threshold=fpr_threshold,
         max_detections=max_detections,
+        target_cluster_fp=target_cluster_fp,
+        cluster_fp_per=cluster_fp_per,
         description={
             "asn_sha256": weights.asn_sha256,
             "fpr_sha256": weights.fpr_sha256,
