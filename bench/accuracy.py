@@ -79,6 +79,8 @@ from _common import (
 from cascade.data.manifest import ImageRecord
 from cascade.data.preprocess import PreprocessedImage
 from cascade.errors import CheckpointError
+from cascade.evaluation.bins import CONTRAST_EDGES, SIZE_EDGES_MM, binned_recall, measure_contrast
+from cascade.evaluation.clusters import cases_from_records, cluster_froc, cluster_point
 from cascade.evaluation.froc import DEFAULT_KS, DEFAULT_KS_PER_CM2, ImageEval, froc
 from cascade.evaluation.operating_point import OperatingPoint
 from cascade.inference.detector import Detector
@@ -275,7 +277,10 @@ def run(
     areas: dict[str, Any] = {}
     consistency: dict[str, Any] = {}
     curves: dict[str, dict[str, Any]] = {}
+    cluster_out: dict[str, Any] = {}
+    bins_out: dict[str, Any] = {}
     for iset in sets:
+        contrasts: list[np.ndarray] = []
         evals: dict[str, list[ImageEval]] = {}
         for c in cascades:
             evals[c.name] = []
@@ -328,6 +333,16 @@ def run(
                 if c.name not in consistency:
                     consistency[c.name] = check_against_detector(c.detector, rec, xy, final)
             pre, io_seconds = next(iter(pres.values()))
+            truth = np.array([[c.x, c.y] for c in rec.calcifications], float).reshape(-1, 2)
+            contrasts.append(
+                measure_contrast(
+                    pre.image,
+                    pre.breast_mask,
+                    pre.transform.to_work(truth),
+                    [c.diameter_mm for c in rec.calcifications],
+                    spacing_mm=pre.transform.work_spacing_mm[0],
+                )
+            )
             dog_img, dog_s = dog_eval(rec, pre, border_mm=dog_border_mm)
             evals[DOG].append(dog_img)
             dog_seconds = {**io_seconds, "dog": dog_s}
@@ -353,6 +368,36 @@ def run(
                 "n_images": res.n_images,
                 "n_truth": res.n_truth,
             }
+        cluster_out[iset.name], bins_out[iset.name] = {}, {}
+        sizes = [
+            np.array([np.nan if c.diameter_mm is None else c.diameter_mm for c in r.calcifications])
+            for r in iset.records
+        ]
+        for name in (n for n in (ASN_FPR, CE_FPR) if n in evals):
+            res = set_curves[name]
+            curve = cluster_froc(cases_from_records(iset.records, evals[name]))
+            thr = {f"R@{k:g}": res.threshold_at_fp(k) for k in VENDOR_KS}
+            points = {p: curve.point(t).to_json() for p, t in thr.items()}
+            columns: dict[str, Any] = {p: (evals[name], t) for p, t in thr.items()}
+            if name in point_evals:
+                kept = point_evals[name]
+                points["operating point"] = cluster_point(
+                    cases_from_records(iset.records, kept)
+                ).to_json()
+                columns["operating point"] = (kept, -np.inf)
+            cluster_out[iset.name][name] = points
+            bins_out[iset.name][name] = {
+                "size": binned_recall(
+                    sizes, columns, edges=SIZE_EDGES_MM, quantity="size", unit="mm"
+                ).to_json(),
+                "contrast": binned_recall(
+                    contrasts,
+                    columns,
+                    edges=CONTRAST_EDGES,
+                    quantity="contrast",
+                    unit="measured local contrast",
+                ).to_json(),
+            }
         vendor_res: dict[str, Any] = {}
         for name in (n for n in (ASN_FPR, CE_FPR) if n in evals):
             vendor_res[name] = {}
@@ -374,6 +419,8 @@ def run(
         "per_vendor": per_vendor,
         "breast_area_cm2": areas,
         "at_operating_point": at_point,
+        "clusters": cluster_out,
+        "recall_by_bin": bins_out,
         "consistency": consistency,
         "timing": timing.to_json(),
         "_curves": curves,
@@ -425,6 +472,41 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{pt['findings_per_image']:.1f} findings/image."
             )
             lines.append("")
+        for name, points in data.get("clusters", {}).get(set_name, {}).items():
+            lines.append(
+                f"{name}, clusters (CAD SR grouping: ≥ 3 detections within 5 mm; found = a "
+                "reported cluster holds ≥ 2 of the truth cluster's µCs):"
+            )
+            lines.append("")
+            crow = []
+            for pname, p in points.items():
+                fn = p["false_marks_per_normal_image"]
+                crow.append(
+                    [
+                        pname,
+                        f"{percent(p['sensitivity'])} ({p['found']}/{p['n_truth_clusters']})",
+                        f"{p['false_marks_per_image']:.3f}",
+                        "–" if fn is None else f"{fn:.3f}",
+                    ]
+                )
+            lines.append(
+                markdown_table(
+                    ["Point", "Cluster sensitivity %", "False marks / image", "… / normal image"],
+                    crow,
+                    right=1,
+                )
+            )
+            lines.append("")
+            for quantity, table in data["recall_by_bin"][set_name][name].items():
+                names = list(table["recall"])
+                brow = [
+                    [label, str(n)] + [percent(table["recall"][c][i]) for c in names]
+                    for i, (label, n) in enumerate(zip(table["bins"], table["counts"], strict=True))
+                ]
+                lines.append(f"{name}, µC recall % per {quantity} bin ({table['unit']}):")
+                lines.append("")
+                lines.append(markdown_table([quantity, "µCs", *names], brow, right=1))
+                lines.append("")
         by_cascade = data["per_vendor"][set_name]
         names = list(by_cascade)
         lines.append(f"Per vendor ({title.lower()}), R@1 / R@5 in %:")
