@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import String, Update, bindparam, func, literal, select, update
+from sqlalchemy import Integer, String, Text, Update, bindparam, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from storage.common import (
@@ -132,6 +132,48 @@ def _claim_statement() -> Update:
         )
         .returning(*_CLAIMED_JOB)
         .execution_options(synchronize_session=False)
+    )
+
+
+def _owned_update(**values: Any) -> Update:
+    """An ``UPDATE`` of a job the worker holds (``owned_id``, ``owned_worker``) setting
+    ``values`` (SQL expressions or bound parameters); ``RETURNING id``: no row = not
+    held."""
+    return (
+        update(Job)
+        .where(
+            Job.id == bindparam("owned_id", type_=Integer()),
+            Job.state == "running",
+            Job.lease_owner == bindparam("owned_worker", type_=String()),
+        )
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+@cache
+def _extend_statement() -> Update:
+    """The heartbeat's ``UPDATE``, built once (as :func:`_claim_statement`): parameters
+    ``owned_id``, ``owned_worker``, ``extend_expires`` and ``extend_now``."""
+    return _owned_update(
+        lease_expires_at=bindparam("extend_expires", type_=UTCDateTime()),
+        updated_at=bindparam("extend_now", type_=UTCDateTime()),
+    )
+
+
+@cache
+def _complete_statement() -> Update:
+    """The completion's ``UPDATE``, built once (as :func:`_claim_statement`): parameters
+    ``owned_id``, ``owned_worker``, ``done_result`` (the JSON summary), ``done_warning``
+    (None or the kept error) and ``done_now``."""
+    return _owned_update(
+        state="done",
+        result=bindparam("done_result", type_=Job.__table__.c.result.type),
+        lease_owner=None,
+        lease_expires_at=None,
+        last_error=bindparam("done_warning", type_=Text()),
+        updated_at=bindparam("done_now", type_=UTCDateTime()),
     )
 
 
@@ -268,20 +310,15 @@ class Jobs(Intake):
         return job
 
     def _update_owned(
-        self, s: Session, job_id: int, worker_id: str, values: dict[str, Any]
+        self, s: Session, statement: Update, job_id: int, worker_id: str, params: dict[str, Any]
     ) -> None:
-        """``values`` into a job the worker holds, in one conditional ``UPDATE`` (the
-        hot path: every completion, every heartbeat; atomic on both backends)."""
+        """Run ``statement`` (from :func:`_owned_update`) on a job the worker holds: one
+        conditional ``UPDATE`` (the hot path: every completion, every heartbeat; atomic
+        on both backends), with ``params`` besides the job and the worker."""
         check_int("job_id", job_id, minimum=1)
         check_text("worker_id", worker_id, max_chars=MAX_NAME_CHARS)
-        changed = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "running", Job.lease_owner == worker_id)
-            .values(**values)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).one_or_none()
-        if changed is not None:
+        params = {**params, "owned_id": job_id, "owned_worker": worker_id}
+        if s.execute(statement, params).one_or_none() is not None:
             return
         row = s.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).one_or_none()
         if row is None:
@@ -316,9 +353,9 @@ class Jobs(Intake):
         lease = check_seconds("lease_seconds", lease_seconds)
         now = self._db.now(now)
         expires = now + dt.timedelta(seconds=lease)
+        params = {"extend_expires": expires, "extend_now": now}
         with self._db.transaction() as s:
-            values = {"lease_expires_at": expires, "updated_at": now}
-            self._update_owned(s, job_id, worker_id, values)
+            self._update_owned(s, _extend_statement(), job_id, worker_id, params)
         return expires
 
     def complete(
@@ -352,17 +389,13 @@ class Jobs(Intake):
             payload = json.loads(json.dumps(dict(result), allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise TypeError(f"result must be JSON-serialisable: {exc}") from exc
-        now = self._db.now(now)
-        values = {
-            "state": "done",
-            "result": payload,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "last_error": cut_error(warning) if warning else None,
-            "updated_at": now,
+        params = {
+            "done_result": payload,
+            "done_warning": cut_error(warning) if warning else None,
+            "done_now": self._db.now(now),
         }
         with self._db.transaction() as s:
-            self._update_owned(s, job_id, worker_id, values)
+            self._update_owned(s, _complete_statement(), job_id, worker_id, params)
         logger.info("job %d done by %s", job_id, worker_id)
 
     def fail(

@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import pytest
 from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
 import storage.database
 from storage.database import Database, engine_url, open_database, prepare_schema
@@ -38,6 +39,7 @@ from storage.models import SCHEMA_VERSION, Base
 from storage.policy import QueuePolicy
 from storage.sends import Sends
 from storage.studies import Studies
+from tests.pg import PostgresServer
 
 T0 = dt.datetime(2026, 1, 5, 12, 0, 0, tzinfo=dt.UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -974,6 +976,44 @@ def test_methods_refuse_naive_datetimes(db: Database) -> None:
         db.jobs.claim("w", lease_seconds=1, now=naive)
     with pytest.raises(ValueError, match="cutoff"):
         db.purge_done_before(naive)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+@pytest.mark.postgres
+def test_pooled_connections_the_server_ended_are_replaced_before_use(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    database = open_database(postgres_url, policy=policy())
+    try:
+        # Two pooled connections, idle now: two threads in a transaction at once.
+        both_in = threading.Barrier(2)
+
+        def hold() -> None:
+            with database.transaction() as s:
+                s.execute(text("SELECT 1"))
+                both_in.wait(10)
+
+        threads = [threading.Thread(target=hold) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert database.engine.pool.checkedin() == 2
+        # A server restart or an idle timeout, as the pool sees it: both sessions ended
+        # by the server while no transaction ran (pg_terminate_backend waits for each).
+        name = str(make_url(postgres_url).database)
+        ended = postgres_server.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+            f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )
+        assert ended == [(True,), (True,)]
+        # No transaction fails for it (no outage, no back-off): each gets a fresh one.
+        assert enqueue(database, "1.1").outcome == "new"
+        assert database.jobs.claim("w", lease_seconds=60, now=at(1)) is not None
+    finally:
+        database.close()
 
 
 # --------------------------------------------------------------------------- schema
