@@ -1,27 +1,34 @@
 """The node's typed configuration: defaults, TOML files, environment, command line.
 
 The frozen pydantic models below are the one source of truth (``config/calcnode.toml``
-lists every key with the same defaults). :func:`load_settings` merges the layers as tables
-and validates once; our own code says which file or variable set a bad value, and "did
-you mean" for an unknown name. See docs/configuration.md: every key, layer and message.
+lists every key with the same defaults). :func:`load_settings` layers, lowest first: the
+defaults; the file (``config_file``, else ``$CALCNODE_CONFIG``) and its drop-ins
+``conf.d/*.toml``; the environment (``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS``
+as JSON); the command-line ``overrides``. pydantic-settings reads and merges them (its
+``TomlConfigSettingsSource`` and ``EnvSettingsSource``); added here: the origin of a bad
+value and a "did you mean" in :class:`node.errors.ConfigError`, relative paths resolved
+against the file naming them, text parsed by type, and :func:`dump_toml` (tomli-w).
+
+See Also
+--------
+docs/configuration.md : every key, the layers, the error messages.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
 import ipaddress
-import itertools
 import json
 import logging
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import tomli_w
 from pydantic import (
@@ -37,7 +44,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from node.errors import ConfigError
 
@@ -71,14 +87,12 @@ _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 10
 
 # --------------------------------------------------------------------------- value types
 def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
-    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``
-    (a ``ValueError`` from ``ok`` is a no)."""
+    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``."""
 
     def check(value: Any) -> Any:
-        with contextlib.suppress(ValueError):
-            if ok(value):
-                return value
-        raise ValueError(problem.format(v=value))
+        if not ok(value):
+            raise ValueError(problem.format(v=value))
+        return value
 
     return mode(check)
 
@@ -94,6 +108,13 @@ def _ae_title(value: str) -> str:
         if bad:
             raise ValueError(f"an AE title {problem}, got {value!r}")
     return value
+
+
+def _parses(parse: Callable[[str], object], value: str) -> bool:
+    try:
+        return parse(value) is not None
+    except ValueError:
+        return False
 
 
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
@@ -113,23 +134,24 @@ _NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
 _NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
 _PORT = "a TCP port between 1 and 65535, got {v}"
 _LEVEL = f"must be one of {', '.join(LOG_LEVELS)}, got {{v!r}}"
-_DEVICE = "must be auto, cpu, cuda or cuda:N, got {v!r}"
-_OPERATING_POINT = "must be calibrated or all, got {v!r}"
 AETitle = Annotated[str, AfterValidator(_ae_title)]
-_HOST = "must be an IP address or a host name, got {v!r}"
-Host = Annotated[
-    str, _check(lambda v: _HOSTNAME.fullmatch(v[:254]) or ipaddress.ip_address(v), _HOST)
-]
+_IS_HOST = lambda v: _parses(ipaddress.ip_address, v) or _HOSTNAME.fullmatch(v[:254])  # noqa: E731
+Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name, got {v!r}")]
 Port = Annotated[int, _check(range(1, 65536).__contains__, "must be " + _PORT)]
 _PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) or " + _PORT)]
-_Network = Annotated[str, _check(ipaddress.ip_network, _NETWORK)]
+_Network = Annotated[str, _check(functools.partial(_parses, ipaddress.ip_network), _NETWORK)]
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
-_Device = Annotated[str, _check(DEVICE_PATTERN.fullmatch, _DEVICE)]
-_OperatingPoint = Annotated[str, _check(OPERATING_POINTS.__contains__, _OPERATING_POINT)]
-# Lists: a TOML array or a Python list or tuple; as text, JSON or comma-separated.
-_AETitles = Annotated[tuple[AETitle, ...], Field(strict=False)]
-_Networks = Annotated[tuple[_Network, ...], Field(strict=False)]
-_Kinds = Annotated[tuple[str, ...], Field(strict=False), AfterValidator(_kinds)]
+_Device = Annotated[
+    str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N, got {v!r}")
+]
+_OperatingPoint = Annotated[
+    str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all, got {v!r}")
+]
+# Lists: a TOML array or a Python list or tuple; as text, JSON or comma-separated
+# (NoDecode: _from_text parses it, not pydantic-settings).
+_AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
+_Networks = Annotated[tuple[_Network, ...], Field(strict=False), NoDecode]
+_Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
 # Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
 _NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
 _Path = Annotated[Path, Field(strict=False), _NotEmpty, AfterValidator(Path.expanduser)]
@@ -146,8 +168,12 @@ _Level = Annotated[
 
 
 # --------------------------------------------------------------------------- error messages
-class _FieldTypeError(ValueError, TypeError):
-    """A constructor's argument of the wrong type: a ``ValueError`` too (one class for all)."""
+class _FieldError(ValueError):
+    """A constructor's invalid argument, named by field (``port: must be …``)."""
+
+
+class _FieldTypeError(_FieldError, TypeError):
+    """An argument of the wrong type; still a ``ValueError``, so one class catches all."""
 
 
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
@@ -189,13 +215,6 @@ def _problem(error: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- sections
-class _Text(str):
-    """A string :func:`load_settings` read: ``base`` is the folder of its file, ``None``
-    for text from the environment or command line (parsed by the setting's type)."""
-
-    base: Path | None = None
-
-
 class _Section(BaseModel):
     """A frozen, strict table of the configuration; a constructor error names the field."""
 
@@ -205,35 +224,14 @@ class _Section(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
+            if _REQUEST.get() is not None:
+                raise  # pydantic calls __init__ for a nested table: keep the full location
             error = exc.errors()[0]
-            kind = _FieldTypeError if error["type"].endswith("_type") else ValueError
+            kind = _FieldTypeError if error["type"].endswith("_type") else _FieldError
             raise kind(f"{_dotted(_loc(error))}: {_problem(error)}") from None
-
-    # As pydantic's own: not called for a nested table, so its errors keep their location.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _read(cls, value: Any, info: ValidationInfo) -> Any:
-        """A path read made absolute; text parsed: scalars laxly, lists as JSON or a,b."""
-        if not isinstance(value, _Text):
-            return value
-        hint: Any = cls.model_fields[str(info.field_name)].annotation
-        if hint in (Path, Path | None):
-            return str(value) and str((value.base or Path.cwd()) / Path(value).expanduser())
-        if value.base is not None or hint is str:
-            return str(value)
-        if get_origin(hint) is not tuple:
-            return TypeAdapter(hint).validate_python(value.strip())  # "yes" → True
-        if not value.strip().startswith("["):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a valid JSON array: {exc}") from None
 
 
 class TLSSettings(_Section):
@@ -380,23 +378,24 @@ class MonitoringSettings(_Section):
     http_port: _PortOrOff = 0
 
 
-_SECTIONS = _Section.__subclasses__()
-
-
 # --------------------------------------------------------------------------- Settings
-class Settings(BaseModel):
-    """The whole, validated, immutable configuration of a node; ``Settings()`` is the default.
+class Settings(BaseSettings):
+    """The whole, validated configuration of a node (immutable).
 
-    The constructor takes section objects (``Settings(node=NodeSettings(port=104))``).
+    ``Settings()`` is the default configuration; the constructor takes section objects
+    (``Settings(node=NodeSettings(port=104))``), :func:`load_settings` gives it tables.
+    :attr:`sources` takes no part in equality.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__"
+    )
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
-    destinations: tuple[DestinationSettings, ...] = ()
+    destinations: Annotated[tuple[DestinationSettings, ...], NoDecode] = ()
     model: ModelSettings = Field(default_factory=ModelSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     send: SendSettings = Field(default_factory=SendSettings)
@@ -405,11 +404,25 @@ class Settings(BaseModel):
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     _sources: tuple[str, ...] = PrivateAttr(default=())
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The layers of :func:`load_settings`, highest first (``Settings()``: its arguments)."""
+        if (request := _REQUEST.get()) is None:
+            return (init_settings,)
+        return init_settings, _Environment(settings_cls, request), _Files(settings_cls, request)
+
     @field_validator("*", mode="before")
     @classmethod
     def _objects(cls, value: Any, info: ValidationInfo) -> Any:
-        section = cls.model_fields[str(info.field_name)].annotation
-        if info.context is None and section in _SECTIONS and not isinstance(value, section):
+        section = _model_of(cls.model_fields[str(info.field_name)])
+        if _REQUEST.get() is None and section is not None and not isinstance(value, section):
             got = type(value).__name__
             raise TypeError(f"{info.field_name}: must be a {section.__name__}, got {got}")
         return value
@@ -428,12 +441,16 @@ class Settings(BaseModel):
                 raise _invalid(("destinations", index, "kinds"), problem) from None
         return self
 
+    def model_post_init(self, context: Any, /) -> None:
+        if (request := _REQUEST.get()) is not None:
+            self._sources = request.sources
+
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.__dict__ == other.__dict__
 
     @property
     def sources(self) -> tuple[str, ...]:
-        """The files, environment variables and ``--overrides`` read (not part of ``==``)."""
+        """The files, environment variables and ``--overrides`` that contributed."""
         return self._sources
 
     def destination_kinds(self, destination: DestinationSettings) -> tuple[str, ...]:
@@ -452,6 +469,68 @@ class Settings(BaseModel):
 
 
 # --------------------------------------------------------------------------- loading
+Describe = Callable[[Loc], str]  # where a value at a location came from
+
+
+def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | None:
+    """The model of a table field (``node``), or with ``items`` of a list of tables."""
+    hint = field.annotation
+    if items:
+        hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else None
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
+
+
+def _parse(cls: type[BaseModel], table: Any, text: Describe | None, base: Path | None) -> Any:
+    """``table`` with its relative paths made absolute (against ``base``, else the current
+    folder) and, given ``text`` (where a string came from), its strings parsed by type."""
+
+    def walk(cls: type[BaseModel], table: Any, loc: Loc) -> Any:
+        if not isinstance(table, Mapping):
+            return table  # not a table where one belongs: pydantic says so
+        out = dict(table)
+        for key, value in table.items():
+            if (field := cls.model_fields.get(key)) is None:
+                continue  # unknown: pydantic says so
+            if section := _model_of(field):
+                out[key] = walk(section, value, (*loc, key))
+                continue
+            hint, item = field.annotation, _model_of(field, items=True)
+            if hint in (Path, Path | None):
+                if isinstance(value, str | os.PathLike) and str(value):
+                    path = Path(value).expanduser()
+                    value = str(path if path.is_absolute() else (base or Path.cwd()) / path)
+            elif isinstance(value, str) and text is not None and hint is not str:
+                value = _from_text(hint, value, (*loc, key), text((*loc, key)), item is not None)
+            if item is not None and isinstance(value, list | tuple):
+                value = [walk(item, v, (*loc, key, i)) for i, v in enumerate(value)]
+            out[key] = value
+        return out
+
+    return walk(cls, table, ())
+
+
+def _from_text(hint: Any, text: str, loc: Loc, origin: str, tables: bool) -> Any:
+    """A setting of type ``hint`` from environment or command-line text: scalars by
+    pydantic's lax parsing (``"yes"`` → True), lists as a JSON array or comma-separated,
+    a list of ``tables`` (``destinations``) as a JSON array of objects."""
+    text = text.strip()
+    if get_origin(hint) is tuple and not tables and not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        if get_origin(hint) is not tuple:
+            return TypeAdapter(hint).validate_python(text)
+        parsed = json.loads(text)
+    except ValidationError as exc:
+        raise ConfigError(f"{_dotted(loc)}: {_problem(exc.errors()[0])} ({origin})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
+        ) from None
+    if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
+        raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
+    return parsed
+
+
 def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
     """``(key, value)`` of every setting in a nested table (key: ``("node", "port")``)."""
     for key, value in table.items():
@@ -461,34 +540,10 @@ def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, 
             yield (*prefix, key), value
 
 
-def _nested(key: Key, value: Any) -> dict[str, Any]:
-    """``{"node": {"port": value}}`` for the key ``("node", "port")``."""
-    return functools.reduce(lambda inner, part: {part: inner}, reversed(key), value)
-
-
-def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
-    """``high`` over ``low`` table by table; a list (``destinations`` too) is replaced."""
-    for name, value in high.items():
-        below = low.get(name)
-        both = isinstance(value, Mapping) and isinstance(below, Mapping)
-        low[name] = _merge(dict(below), value) if both else value  # type: ignore[arg-type]
-    return low
-
-
-def _mark(data: Any, base: Path | None) -> Any:
-    """``data`` with each string in a table a :class:`_Text` from ``base``."""
-    if isinstance(data, Mapping):
-        return {key: _mark(value, base) for key, value in data.items()}
-    if isinstance(data, list | tuple):
-        return [_mark(item, base) if isinstance(item, Mapping) else item for item in data]
-    if isinstance(data, str | os.PathLike):
-        data = _Text(os.fspath(data))
-        data.base = base
-    return data
-
-
-def _env_name(key: Key) -> str:
-    return ENV_DESTINATIONS if key == ("destinations",) else ENV_PREFIX + "__".join(key).upper()
+def _env_name(loc: Loc) -> str:
+    if loc[:1] == ("destinations",):
+        return ENV_DESTINATIONS
+    return ENV_PREFIX + "__".join(map(str, loc)).upper()
 
 
 def _hint(word: str, choices: Iterable[str]) -> str:
@@ -496,35 +551,79 @@ def _hint(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _file_origin(path: Path, key: Key) -> str:
-    return f"from {path}" + (f", section [{'.'.join(key[:-1])}]" if key[1:] else "")
+def _env_origin(loc: Loc) -> str:
+    return f"environment variable {_env_name(loc)}"
 
 
-def _origin(trail: list[tuple[Key, str]], loc: Loc) -> str:
-    """Where the value at ``loc`` came from: its key or one inside it, else one beside it."""
-    key = tuple(itertools.takewhile(lambda part: isinstance(part, str), loc))
-    for near in (lambda k: k[: len(key)] == key, lambda k: k[:-1] == key[:-1]):
-        for found, origin in reversed(trail):
-            if near(found):
-                return origin
-    return "the built-in default"
+def _override_origin(loc: Loc) -> str:
+    return f"command-line override {_dotted(loc)}"
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            return _mark(tomllib.load(file), path.parent)
-    except (ValueError, OSError) as exc:
-        what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
-        raise ConfigError(f"{path}: {what}: {exc}") from None
+def _file_origin(path: Path, loc: Loc) -> str:
+    return f"from {path}" + (f", section [{'.'.join(map(str, loc[:-1]))}]" if loc[1:] else "")
 
 
-def _environment(variables: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    """The ``CALCNODE_*`` variables as a table; each must name a setting."""
-    valid = {_env_name(key): key for key, _ in _flatten(Settings().model_dump())}
-    table: dict[str, Any] = {}
-    for name, text in variables:
-        if (key := valid.get(name)) is None:
+class _Request:
+    """One :func:`load_settings` call: its inputs, and its layers to find an origin in.
+
+    ``layers`` holds each layer's data with what describes its keys, highest first: the
+    overrides, then each source inserts its own just below them as it reads (the files
+    when the TOML source is made, the environment later, when pydantic-settings calls it).
+    """
+
+    def __init__(self, files: list[Path], environ: dict[str, str], overrides: dict) -> None:
+        self.files, self.environ, self.overrides = files, environ, overrides
+        self.layers: list[tuple[Mapping[str, Any], Describe]] = [(overrides, _override_origin)]
+        flags = (f"--{'.'.join(key)}" for key, _ in _flatten(overrides))
+        self.sources = (*map(str, files), *sorted(environ), *flags)
+
+    def origin(self, loc: Loc) -> str:
+        """Where the value at ``loc`` came from: its key, else a key of its table."""
+        keys = tuple(p for p in loc if isinstance(p, str))
+        keys = keys[:1] if keys[:1] == ("destinations",) else keys
+        found = [(key, describe) for data, describe in self.layers for key, _ in _flatten(data)]
+        for matches in (lambda k: k[: len(keys)] == keys, lambda k: k[:-1] == keys[:-1]):
+            for key, describe in found:
+                if matches(key):
+                    return describe(key)
+        return "the built-in default"
+
+
+class _Files(TomlConfigSettingsSource):
+    """The configuration file and its drop-ins (pydantic-settings merges them in order)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], request: _Request) -> None:
+        self._request = request
+        super().__init__(settings_cls, toml_file=request.files, deep_merge=True)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        path = Path(file_path)
+        try:
+            data = _parse(Settings, super()._read_file(path), None, path.parent)
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
+            raise ConfigError(f"{path}: {what}: {exc}") from None
+        self._request.layers.insert(1, (data, functools.partial(_file_origin, path)))
+        return data
+
+    def __call__(self) -> dict[str, Any]:
+        return self.toml_data  # as read: InitSettingsSource would match names case-insensitively
+
+
+class _Environment(EnvSettingsSource):
+    """The ``CALCNODE_*`` variables of the given environment; each must name a setting."""
+
+    def __init__(self, settings_cls: type[BaseSettings], request: _Request) -> None:
+        self._request = request
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._request.environ.items()}
+
+    def __call__(self) -> dict[str, Any]:
+        defaults = Settings.model_construct().model_dump()
+        valid = [ENV_CONFIG, *(_env_name(key) for key, _ in _flatten(defaults))]
+        for name in sorted(set(self._request.environ) - set(valid)):
             parts = name[len(ENV_PREFIX) :].lower().split("__")
             what = f"no such setting {'.'.join(parts)}"
             if parts[0] not in Settings.model_fields:
@@ -535,50 +634,49 @@ def _environment(variables: Iterable[tuple[str, str]]) -> dict[str, Any]:
                 f"unknown environment variable {name}: {what}{_hint(name, valid)}. Settings "
                 f"are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
             )
-        if key == ("destinations",):
-            try:
-                text = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{name}: not a valid JSON array of objects: {exc}") from None
-            if not (isinstance(text, list) and all(isinstance(t, dict) for t in text)):
-                raise ConfigError(f"{name}: must be a JSON array of objects such as {_EXAMPLE}")
-        _merge(table, _nested(key, text))
-    return _mark(table, None)
+        data = _parse(Settings, super().__call__(), _env_origin, None)
+        self._request.layers.insert(1, (data, _env_origin))
+        return data
 
 
-def _overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted and nested overrides as one table; ``None`` is an option not given."""
-    table: dict[str, Any] = {}
-    given: list[Key] = []
-    for dotted, value in ((k, v) for k, v in _flatten(overrides) if v is not None):
-        key = tuple(part for name in dotted for part in name.split("."))
-        if any(other[: len(key)] == key[: len(other)] for other in given):
-            raise ConfigError(f"command-line override {'.'.join(key)}: conflicts with another")
-        given.append(key)
-        _merge(table, _nested(key, value))
-    return _mark(table, None)
-
-
-def _explain(error: Mapping[str, Any], trail: list[tuple[Key, str]]) -> str:
+def _explain(error: Mapping[str, Any], request: _Request) -> str:
     """A pydantic error as the message of a ConfigError: key, problem, origin."""
     loc, kind = _loc(error), error["type"]
-    origin = _origin(trail, loc)
+    origin = request.origin(loc)
     if kind == "extra_forbidden":
         *table, name = loc
         if not table:
             return f"unknown section [{name}] ({origin}){_hint(str(name), Settings.model_fields)}"
-        known: Any = DestinationSettings.model_fields  # a table in destinations, else defaults:
-        if table[0] != "destinations":
-            known = functools.reduce(lambda t, k: t[k], map(str, table), Settings().model_dump())
+        cls: type[BaseModel] = Settings
+        for part in (p for p in table if isinstance(p, str)):
+            cls = _model_of(field := cls.model_fields[part]) or _model_of(field, items=True) or cls
         where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
-        hint, known = _hint(str(name), known), ", ".join(known)
+        hint, known = _hint(str(name), cls.model_fields), ", ".join(cls.model_fields)
         return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
     if kind == "missing":
         return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
-    if loc[:1] == ("destinations",) and kind in ("model_type", "tuple_type"):
+    if loc[:1] == ("destinations",) and kind == "model_type":
         got = f"got {error['input']!r} ({origin})"
         return f"destinations: must be an array of tables ([[destinations]]), {got}"
     return f"{_dotted(loc)}: {_problem(error)} ({origin})"
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted and nested overrides as one nested table; ``None`` is an option not given."""
+    nested: dict[str, Any] = {}
+    for key, value in _flatten({k: v for k, v in overrides.items() if v is not None}):
+        *parents, last = (part for dotted in key for part in dotted.split("."))
+        table = nested
+        for part in parents:
+            table = table.setdefault(part, {}) if isinstance(table, dict) else table
+        if not isinstance(table, dict) or isinstance(table.get(last), dict):
+            raise ConfigError(f"command-line override {'.'.join(key)}: conflicts with another")
+        if value is not None:
+            table[last] = value
+    return nested
+
+
+_REQUEST: ContextVar[_Request | None] = ContextVar("calcnode_settings_request", default=None)
 
 
 def load_settings(
@@ -587,12 +685,29 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """The configuration from, lowest first: the defaults; ``config_file`` (else
-    ``$CALCNODE_CONFIG``) and its drop-ins ``conf.d/*.toml`` (relative paths: from their
-    folder); ``environ`` (default ``os.environ``): ``CALCNODE_<SECTION>__<KEY>`` and
-    ``CALCNODE_DESTINATIONS`` (JSON); ``overrides`` by dotted key (``{"node.port": "104"}``)
-    or nested table, ``None`` for an option not given. Text from the last two is parsed by
-    type. A :class:`ConfigError` names the key and the file or variable that set it.
+    """Load, merge and validate the configuration (the layers: see the module docstring).
+
+    Parameters
+    ----------
+    config_file : str or path-like, optional
+        The TOML file; default ``$CALCNODE_CONFIG``, else none. Its drop-ins
+        ``conf.d/*.toml`` follow it; a relative path in a file is relative to its folder.
+    environ : mapping, optional
+        Where ``CALCNODE_*`` variables are read; default ``os.environ``, ``{}`` for none.
+    overrides : mapping, optional
+        Command-line values by dotted key (``{"node.port": "104"}``) or nested table;
+        strings are parsed like environment values; ``None`` is an option not given.
+
+    Returns
+    -------
+    Settings
+        The validated configuration; ``sources`` lists what contributed.
+
+    Raises
+    ------
+    ConfigError
+        A missing file, invalid TOML, an unknown name, a wrong type or value; the
+        message names the key and where its value came from.
     """
     env = os.environ if environ is None else environ
     config_file = (env.get(ENV_CONFIG) or None) if config_file is None else config_file
@@ -603,30 +718,24 @@ def load_settings(
             reason = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"configuration file {path} {reason}")
         files = [path, *(p for p in sorted((path.parent / "conf.d").glob("*.toml")) if p.is_file())]
-    variables = sorted(
-        (k, v) for k, v in env.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG
+    variables = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG}
+    request = _Request(
+        files, variables, _parse(Settings, _nest(overrides or {}), _override_origin, None)
     )
-    layers: list[tuple[dict[str, Any], Callable[[Key], str]]] = [
-        *((_read(file), functools.partial(_file_origin, file)) for file in files),
-        (_environment(variables), lambda key: f"environment variable {_env_name(key)}"),
-        (_overrides(overrides or {}), lambda key: f"command-line override {'.'.join(key)}"),
-    ]
-    data: dict[str, Any] = {}
-    trail: list[tuple[Key, str]] = []
-    for table, describe in layers:
-        _merge(data, table)
-        trail += [(key, describe(key)) for key, _ in _flatten(table)]
-    flags = [f"--{'.'.join(key)}" for key, _ in _flatten(layers[-1][0])]
+    token = _REQUEST.set(request)
     try:
-        settings = Settings.model_validate(data, context={"loading": True})
+        settings = Settings(**request.overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc.errors()[0], trail)) from None
-    settings._sources = (*map(str, files), *(name for name, _ in variables), *flags)
-    names = ("cert_file", "key_file", "ca_file") if settings.node.tls.enabled else ()
-    for key in [("model", "path"), *(("node", "tls", n) for n in names)]:  # opened later:
-        file: Any = functools.reduce(getattr, key, settings)  # fail now, not on first use
+        raise ConfigError(_explain(exc.errors()[0], request)) from None
+    finally:
+        _REQUEST.reset(token)
+    tls = settings.node.tls  # the files the node will open: fail now, not on first use
+    names = ("cert_file", "key_file", "ca_file") if tls.enabled else ()
+    needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
+    needed |= {("node", "tls", n): getattr(tls, n) for n in names}
+    for key, file in needed.items():
         if file is not None and not file.is_file():
-            raise ConfigError(f"{'.'.join(key)}: no such file {file} ({_origin(trail, key)})")
+            raise ConfigError(f"{'.'.join(key)}: no such file {file} ({request.origin(key)})")
     return settings
 
 
@@ -640,8 +749,11 @@ def log_effective_settings(settings: Settings, *, log: logging.Logger | None = N
 
 # --------------------------------------------------------------------------- TOML output
 def dump_toml(settings: Settings) -> str:
-    """TOML that :func:`load_settings` reads back to equal settings (``None`` as ``""``,
-    and a ``database_url`` derived from ``storage.root``, so it follows ``root``)."""
+    """The configuration as TOML that :func:`load_settings` reads back to equal settings.
+
+    ``None`` paths are written as ``""``, and so is a ``database_url`` that is the one
+    derived from ``storage.root`` (so that editing ``root`` moves the database too).
+    """
     empty = lambda table: {k: "" if v is None else v for k, v in table.items()}  # noqa: E731
     data = json.loads(json.dumps(settings.as_dict()), object_hook=empty)
     if settings.storage.database_url == StorageSettings(root=settings.storage.root).database_url:
@@ -650,8 +762,11 @@ def dump_toml(settings: Settings) -> str:
 
 
 def default_config_text() -> str:
-    """``/etc/calcnode/calcnode.toml``: :data:`DEFAULT_CONFIG_PATH` (with its comments),
-    else (an installed package) the defaults by :func:`dump_toml`."""
+    """The default configuration file, for ``/etc/calcnode/calcnode.toml``.
+
+    ``config/calcnode.toml`` (:data:`DEFAULT_CONFIG_PATH`) with its comments in a source
+    tree; else the defaults rendered by :func:`dump_toml`. Both load to ``Settings()``.
+    """
     if DEFAULT_CONFIG_PATH is not None:
         return DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
     header = "# calcnode configuration: the built-in defaults (docs/configuration.md: every key)."

@@ -464,11 +464,12 @@ def test_conflicting_overrides_are_an_error() -> None:
         load_settings(environ={}, overrides={"node": 5, "node.port": 1})
 
 
-def test_bad_json_list_in_environment_names_key_and_variable() -> None:
+def test_bad_json_list_in_environment_names_the_variable_and_the_problem() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"CALCNODE_NODE__ALLOWED_HOSTS": '["10.0.0.0/8"'})
-    assert str(info.value).startswith("node.allowed_hosts: not a valid JSON array")
-    assert str(info.value).endswith("(environment variable CALCNODE_NODE__ALLOWED_HOSTS)")
+    assert str(info.value).startswith(
+        "environment variable CALCNODE_NODE__ALLOWED_HOSTS: not a valid JSON array"
+    )
 
 
 def test_float_environment_value() -> None:
