@@ -134,9 +134,12 @@ def serve(
     restore = _install_signal_handlers(stop)
     database, store = open_storage(settings)
     # A writer killed mid-write (this node, a worker) leaves its temporary file behind;
-    # whatever their age, and whatever retention_days says, they go now (a live worker
-    # unit's own are kept).
-    store.purge_stale_temp_files(older_than_seconds=0, live_writers_kept=True)
+    # this host's go now, whatever their age and whatever retention_days says (a live
+    # worker unit's own are kept). Another host's (a shared store) cannot be checked from
+    # here: only those older than an hour go, so a write in progress there is left alone.
+    store.purge_stale_temp_files(
+        older_than_seconds=0, live_writers_kept=True, other_hosts_older_than_seconds=3600
+    )
     pool = WorkerPool(settings, count, device=None, detector_factory=detector_factory)
     scheduler = NodeScheduler(database, store, settings)
     node, mib = settings.node, 1024 * 1024

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -338,10 +339,11 @@ class FileStore:
         for attempt in range(_MKDIR_RETRIES):
             try:
                 self._makedirs(parent)
-                # The writer's pid in the name: a start-up purge can tell a live writer's
-                # file from a killed one's (purge_stale_temp_files).
+                # The writer's pid and host in the name: a start-up purge can tell a
+                # live writer's file from a killed one's, and another host's (which it
+                # cannot check) from its own (purge_stale_temp_files).
                 fd, tmp_name = tempfile.mkstemp(
-                    prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=TEMP_SUFFIX, dir=parent
+                    prefix=_temp_prefix(), suffix=TEMP_SUFFIX, dir=parent
                 )
                 break
             except FileNotFoundError:
@@ -416,9 +418,19 @@ class FileStore:
         return removed
 
     def purge_stale_temp_files(
-        self, *, older_than_seconds: float = 3600.0, live_writers_kept: bool = False
+        self,
+        *,
+        older_than_seconds: float = 3600.0,
+        live_writers_kept: bool = False,
+        other_hosts_older_than_seconds: float = 3600.0,
     ) -> list[str]:
         """Remove temporary files a killed writer left behind.
+
+        A temporary file's name says who writes it: ``.tmp-<pid>@<host>-XXXX.part``
+        (:meth:`write_atomic`). This host's writers can be checked, another host's
+        cannot: on a store that several hosts share, another host's file is removed
+        only once ``other_hosts_older_than_seconds`` old (a write in progress touches
+        its file far more often than that), whatever the other arguments say.
 
         Parameters
         ----------
@@ -427,23 +439,38 @@ class FileStore:
         live_writers_kept : bool
             Keep the files whose writer (the process id in the name, on this host) is
             still running, whatever their age: for a purge at start-up while other
-            processes (worker units) may be writing into the store. A file with no
-            process id in its name (an older calcnode's) counts as a dead writer's.
+            processes (worker units) may be writing into the store. A file with a
+            process id but no host in its name (an older calcnode's) counts as this
+            host's; one with no process id at all, as a dead writer's.
+        other_hosts_older_than_seconds : float
+            The age from which a file another host's writer named is removed (at least
+            ``older_than_seconds``).
 
         Returns
         -------
         list of str
             The removed files, relative to the root.
         """
-        if isinstance(older_than_seconds, bool) or not isinstance(older_than_seconds, int | float):
-            raise TypeError("older_than_seconds must be a number")
-        if older_than_seconds < 0:
-            raise ValueError(f"older_than_seconds must be >= 0, got {older_than_seconds}")
-        limit = time.time() - older_than_seconds
+        for name, value in (
+            ("older_than_seconds", older_than_seconds),
+            ("other_hosts_older_than_seconds", other_hosts_older_than_seconds),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        now, host = time.time(), _host_tag()
+        own_limit = now - older_than_seconds
+        other_limit = now - max(older_than_seconds, other_hosts_older_than_seconds)
         removed: list[str] = []
         for path in self._root.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-            if live_writers_kept and _writer_alive(path.name):
+            pid, writer_host = _writer_of(path.name)
+            if writer_host is not None and writer_host != host:
+                limit = other_limit
+            elif live_writers_kept and pid is not None and _alive(pid):
                 continue
+            else:
+                limit = own_limit
             try:
                 if path.is_file() and path.stat().st_mtime <= limit:
                     path.unlink()
@@ -455,16 +482,32 @@ class FileStore:
         return sorted(removed)
 
 
-_WRITER = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-")
+#: ``.tmp-<pid>@<host>-XXXX.part`` (``XXXX``: mkstemp's letters, digits and ``_``, no
+#: ``-``), or an older calcnode's ``.tmp-<pid>-XXXX.part``.
+_WRITER = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)(?:@(.+)-[^-]*|-.*){re.escape(TEMP_SUFFIX)}$")
+_MAX_HOST_TAG = 64
 
 
-def _writer_alive(name: str) -> bool:
-    """Whether the process that named this temporary file still runs (not this one:
-    the caller purges before it writes)."""
+def _host_tag() -> str:
+    """This host's name as temporary files carry it (``[0-9A-Za-z._-]``, at most 64)."""
+    return _UNSAFE.sub("_", socket.gethostname())[:_MAX_HOST_TAG] or "_"
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}@{_host_tag()}-"
+
+
+def _writer_of(name: str) -> tuple[int | None, str | None]:
+    """The process id and host tag a temporary file's name gives (None: not named)."""
     match = _WRITER.match(name)
     if match is None:
-        return False
-    pid = int(match.group(1))
+        return None, None
+    return int(match.group(1)), match.group(2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (not this one: the caller purges
+    before it writes)."""
     if pid == os.getpid():
         return False
     try:

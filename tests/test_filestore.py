@@ -6,6 +6,9 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -268,6 +271,55 @@ def test_purge_stale_temp_files_removes_only_old_leftovers(store: FileStore) -> 
 
     assert store.purge_stale_temp_files(older_than_seconds=3600) == ["instances/s/.tmp-abc.part"]
     assert not old.exists() and new.exists() and keep.exists()
+
+
+def test_a_temporary_file_is_named_for_its_writer_process_and_host(store: FileStore) -> None:
+    rel = store.instance_path(STUDY, SERIES, SOP)
+    seen: list[str] = []
+    store.write_atomic(rel, lambda fh: seen.extend(os.listdir(store.resolve(rel).parent)))
+    host = socket.gethostname()
+    assert len(seen) == 1
+    assert seen[0].startswith(f".tmp-{os.getpid()}@{host}-") and seen[0].endswith(".part")
+
+
+def test_a_purge_at_start_keeps_what_other_hosts_write_and_live_writers_of_this_host(
+    store: FileStore,
+) -> None:
+    directory = store.root / "instances" / "s"
+    directory.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    # On a shared store: a worker on another host is writing this one now; this purge
+    # cannot ask that host whether its process (the same pid as a dead one here) runs.
+    other_fresh = directory / f".tmp-{dead.pid}@other-host.example-wr1t1ng.part"
+    # ... and that host's writer was killed long ago (a host lost mid-write).
+    other_old = directory / f".tmp-{dead.pid}@other-host.example-0ld.part"
+    mine_dead = directory / f".tmp-{dead.pid}@{here}-k1ll3d.part"
+    mine_alive = directory / f".tmp-{os.getppid()}@{here}-wr1t1ng.part"
+    for path in (other_fresh, other_old, mine_dead, mine_alive):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(other_old, (two_hours_ago, two_hours_ago))
+
+    removed = store.purge_stale_temp_files(older_than_seconds=0, live_writers_kept=True)
+    assert removed == sorted(store.relative(p) for p in (other_old, mine_dead))
+    assert other_fresh.exists() and mine_alive.exists()
+    # Another host's file waits an hour by default, and never less than any file.
+    assert store.purge_stale_temp_files(older_than_seconds=0, live_writers_kept=True) == []
+    assert store.purge_stale_temp_files(other_hosts_older_than_seconds=0) == []  # fresh
+    everything = store.purge_stale_temp_files(
+        older_than_seconds=0, other_hosts_older_than_seconds=0
+    )
+    assert everything == sorted(store.relative(p) for p in (other_fresh, mine_alive))
+
+
+@pytest.mark.parametrize("age", [-1, "1", True])
+def test_purge_stale_temp_files_refuses_a_bad_other_hosts_age(
+    store: FileStore, age: object
+) -> None:
+    with pytest.raises((TypeError, ValueError), match="other_hosts_older_than_seconds"):
+        store.purge_stale_temp_files(other_hosts_older_than_seconds=age)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- constructor
