@@ -222,7 +222,7 @@ def run_demo(
         Bound on the wait for results; ``SECONDS_PER_IMAGE × count`` when None.
     """
     from cascade.data.manifest import read_manifest
-    from cascade.inference.detector import ImageDetections
+    from cascade.inference.detections import ImageDetections
     from cascade.inference.preview import write_detection_preview
     from cascade.synthesis import generate_dataset
     from node.model import model_weights

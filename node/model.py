@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from cascade.errors import CheckpointError
 from cascade.evaluation.operating_point import OperatingPoint
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 from cascade.inference.weights import ModelIdentity, ModelWeights
 from node.errors import ConfigError
 from node.settings import Settings

@@ -19,7 +19,6 @@ from typing import Any
 from node.logs import configure_logging
 from node.model import DetectorFactory
 from node.settings import Settings
-from node.worker import run_worker
 
 __all__ = ["RESTART_DELAY_SECONDS", "WorkerPool"]
 
@@ -36,6 +35,9 @@ def _worker_main(
     detector_factory: DetectorFactory | None,
 ) -> None:
     """Entry point of a spawned worker process: runs until SIGTERM."""
+    # Imported here, in the worker: the main process (SCP, scheduler) never loads torch.
+    from node.worker import run_worker
+
     configure_logging(settings)
     stop = threading.Event()
     # The parent stops a worker with SIGTERM (it then finishes its current image).

@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 from node.reports.common import Provenance
 from node.settings import Settings
 from storage.database import Database

@@ -71,7 +71,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 from node.identity import series_uid_for
 from node.logs import redact, remember_patient
 from node.reports.common import MG_SOP_CLASS_UIDS, Provenance, conform_identifying_values

@@ -55,7 +55,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from cascade.errors import InvalidImageError
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 from node import monitoring, sdnotify
 from node.identity import provenance_for, series_uid_for
 from node.logs import redact, remember_patient

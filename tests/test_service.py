@@ -202,6 +202,88 @@ def test_serve_processes_a_stored_image_and_sends_results(
     assert {d.StudyInstanceUID for d in receiver.datasets} == {ds.StudyInstanceUID}
 
 
+#: What the main process of ``calcnode serve`` runs: the SCP, the scheduler and its
+#: reports, the sender, monitoring, the worker pool (its processes import the rest).
+MAIN_PROCESS_MODULES = (
+    "node.cli",
+    "node.service",
+    "node.scheduler",
+    "node.scp",
+    "node.scu",
+    "node.monitoring",
+    "node.pool",
+    "node.model",
+    "node.reports",
+)
+
+
+def test_the_main_process_modules_import_neither_torch_nor_onnxruntime() -> None:
+    code = (
+        f"import sys; import {', '.join(MAIN_PROCESS_MODULES)}; "
+        "print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def _loaded_libraries(pid: int) -> str:
+    """The shared objects mapped into process ``pid`` (Linux' /proc/<pid>/maps)."""
+    maps = Path(f"/proc/{pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/<pid>/maps (Linux)")
+    return maps.read_text()
+
+
+@pytest.mark.slow
+def test_serve_main_process_runs_without_torch_while_its_worker_detects(
+    tmp_path: Path, tiny_model: Path, receiver: Receiver, notify_socket: NotifySocket
+) -> None:
+    from pynetdicom import AE
+
+    port = free_port()
+    dest = DestinationSettings(
+        name="rx", ae_title=receiver.ae_title, host="127.0.0.1", port=receiver.port
+    )
+    settings = make_settings(
+        tmp_path / "node", port=port, model_path=tiny_model, destinations=(dest,), quiet_seconds=1
+    )
+    config = write_config(tmp_path / "calcnode.toml", settings)
+    log = tmp_path / "serve.log"
+    proc = start_serve(config, 1, clean_env(NOTIFY_SOCKET=str(notify_socket.path)), log)
+    try:
+        # start-up checked the model files (hashed, never loaded) before listening
+        assert notify_socket.wait_for("READY=1", 60), log.read_text()
+        ds = make_mg_dataset(seed=7)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CALCNODE")
+        assert assoc.is_established
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        # the SRs are built and sent by the main process's scheduler
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(receiver.by_modality("SR")) < 2:
+            time.sleep(0.5)
+        assert len(receiver.by_modality("SR")) == 2, log.read_text()[-3000:]
+        libraries = _loaded_libraries(proc.pid)
+        assert "libtorch" not in libraries
+        assert "onnxruntime" not in libraries
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_status_counts_jobs_and_formats_without_patient_data(tmp_path: Path) -> None:
     dest = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)
     settings = make_settings(tmp_path, destinations=(dest,), max_attempts=1)

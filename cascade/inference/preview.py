@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 
 logger = logging.getLogger(__name__)
 

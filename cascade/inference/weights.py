@@ -37,7 +37,6 @@ import numpy as np
 from cascade import __version__
 from cascade.errors import CalibrationError, CheckpointError
 from cascade.evaluation.operating_point import OperatingPoint, calibrate_operating_point
-from cascade.models.checkpoint import checkpoint_sha256, describe_checkpoint, export_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +129,9 @@ class ModelWeights:
         if self.fpr is not None:
             object.__setattr__(self, "fpr", Path(self.fpr))
         if not self.asn_sha256:
-            object.__setattr__(self, "asn_sha256", checkpoint_sha256(self.asn))
+            object.__setattr__(self, "asn_sha256", _file_sha256(self.asn))
         if self.fpr is not None and not self.fpr_sha256:
-            object.__setattr__(self, "fpr_sha256", checkpoint_sha256(self.fpr))
+            object.__setattr__(self, "fpr_sha256", _file_sha256(self.fpr))
         if self.fpr is None and self.fpr_sha256:
             raise ValueError("ModelWeights.fpr_sha256 given without an fpr checkpoint")
 
@@ -292,6 +291,8 @@ def export_weights(
     (synthetic phantoms only — not for clinical use). This is how the bundled weights
     in ``cascade/weights/`` are made.
     """
+    from cascade.models.checkpoint import describe_checkpoint, export_checkpoint
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"asn": export_checkpoint(asn, out / "asn.pt", intended_use=INTENDED_USE)}
@@ -415,6 +416,24 @@ def calibrate_weights(
         op.calibration["images"],
     )
     return op
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, lowercase hex, read with hashlib alone.
+
+    The same digest as :func:`cascade.models.checkpoint.checkpoint_sha256`, without
+    importing torch: the node's main process hashes the weights at start-up and never
+    loads them.
+
+    Raises
+    ------
+    CheckpointError
+        The file does not exist.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_json(path: Path, record: Mapping[str, Any]) -> None:

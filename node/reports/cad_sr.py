@@ -46,7 +46,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, MammographyCADSRStorage
 
 from cascade.evaluation.clusters import Cluster, cluster_detections
-from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.detections import Detection, ImageDetections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
     SERIES_NUMBERS,

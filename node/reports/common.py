@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
 from cascade.data.io import MG_SOP_CLASSES
-from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.detections import Detection, ImageDetections
 
 __all__ = [
     "CONFORMED_KEYWORDS",

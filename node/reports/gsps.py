@@ -34,7 +34,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.detections import Detection, ImageDetections
 from node.reports.cad_sr import cluster_detections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,

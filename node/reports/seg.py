@@ -23,7 +23,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from cascade.inference.detector import ImageDetections
+from cascade.inference.detections import ImageDetections
 from node.reports.common import (
     SERIES_NUMBERS,
     Provenance,

@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.detections import Detection, ImageDetections
 from node.reports.cad_sr import cluster_detections
 from node.reports.common import (
     SERIES_DESCRIPTIONS,
