@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.filters import apply_hysteresis_threshold, threshold_otsu
+from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
 from cascade.data.io import Mammogram
@@ -47,6 +47,14 @@ DEFAULT_SPACING_MM = 0.07
 # bimodal: Otsu's separability (between-class / total variance) is 2/π ≈ 0.64 for a
 # Gaussian and 0.75 for a uniform distribution, above 0.8 for two distinct modes.
 _SECOND_SPLIT_SEPARABILITY = 0.8
+
+
+# Pixels per block where a whole-image float64 (or intp) temporary is avoided by working
+# in blocks: small enough to stay a few MB, large enough to vectorise.
+_BLOCK_PIXELS = 1 << 18
+# Integer images with at most this many distinct levels (hi − lo + 1) are mapped through
+# a lookup table (16-bit detectors: ≤ 65 536 entries).
+_MAX_LUT_LEVELS = 1 << 16
 
 
 def _shape(value: object, name: str) -> tuple[int, int]:
@@ -282,6 +290,18 @@ class GridTransform:
         arr = np.asarray(image, dtype=np.float32)
         if arr.shape != self.source_shape:
             raise ValueError(f"image must have shape {self.source_shape}, got {arr.shape}")
+        out = self._resample_float32(arr)
+        # Never hand back the caller's own array.
+        return out.copy() if np.shares_memory(out, image) else out
+
+    def _resample_float32(self, arr: np.ndarray) -> np.ndarray:
+        """:meth:`image_to_work` on a float32 ``source_shape`` array; may return ``arr``.
+
+        On the same grid the bilinear resampling is the identity (every working pixel
+        centre is a source pixel centre), so ``arr`` itself comes back, not a copy.
+        """
+        if self.work_shape == self.source_shape:
+            return arr
         down = any(w < s for w, s in zip(self.work_shape, self.source_shape, strict=True))
         out = resize(
             arr, self.work_shape, order=1, mode="edge", anti_aliasing=down, preserve_range=True
@@ -319,17 +339,39 @@ class PreprocessedImage:
             )
 
 
-def _otsu_separability(values: np.ndarray, threshold: float) -> float:
-    """Between-class variance / total variance of an Otsu split (0 … 1)."""
-    total = float(values.var())
+def _otsu_threshold(values: np.ndarray, lo: np.floating, hi: np.floating) -> np.float64:
+    """:func:`skimage.filters.threshold_otsu` of ``values`` (min ``lo``, max ``hi``) in float64.
+
+    The histogram is binned in float64, exactly as ``threshold_otsu`` does on a float64
+    copy (range given as float64 scalars, so NumPy casts each block of a float32 array
+    to float64), without making that copy.
+    """
+    counts, edges = np.histogram(
+        values.reshape(-1), bins=256, range=(np.float64(lo), np.float64(hi))
+    )
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    return np.float64(threshold_otsu(hist=(counts, centers)))
+
+
+def _otsu_separability(values: np.ndarray, threshold: np.float64) -> float:
+    """Between-class variance / total variance of an Otsu split (0 … 1), float64 sums."""
+    n = values.size
+    mean = float(values.sum(dtype=np.float64)) / n
+    total = 0.0
+    for start in range(0, n, _BLOCK_PIXELS):
+        d = values[start : start + _BLOCK_PIXELS].astype(np.float64) - mean
+        total += float(np.dot(d, d))
+    total /= n
     if total <= 0:
         return 0.0
     above = values > threshold
-    w1 = float(above.mean())
-    if w1 in (0.0, 1.0):
+    n1 = int(np.count_nonzero(above))
+    if n1 in (0, n):
         return 0.0
-    m1 = float(values[above].mean())
-    m0 = float(values[~above].mean())
+    w1 = n1 / n
+    sum1 = float(values[above].sum(dtype=np.float64))
+    m1 = sum1 / n1
+    m0 = (mean * n - sum1) / (n - n1)
     return w1 * (1.0 - w1) * (m1 - m0) ** 2 / total
 
 
@@ -351,28 +393,89 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     numpy.ndarray
         bool, same shape; all False for a constant image.
     """
-    img = np.asarray(image, dtype=np.float64)
+    img = np.asarray(image)
+    if img.dtype not in (np.float32, np.float64):
+        img = img.astype(np.float64)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {img.shape}")
-    if not np.all(np.isfinite(img)):
-        raise ValueError("image must be finite (no NaN or inf)")
-    if img.size == 0 or img.max() <= img.min():
+    if img.size == 0:
         return np.zeros(img.shape, dtype=bool)
-    high = float(threshold_otsu(img))
+    lo, hi = img.min(), img.max()
+    # min/max propagate NaN and reach ±inf, so this checks every pixel without a copy.
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("image must be finite (no NaN or inf)")
+    if hi <= lo:
+        return np.zeros(img.shape, dtype=bool)
+    # Thresholds stay float64 scalars: NumPy then compares a float32 image in float64.
+    high = _otsu_threshold(img, lo, hi)
     low = high
     dark = img[img <= high]
     if dark.size >= 16 and dark.max() > dark.min():
-        second = float(threshold_otsu(dark))
+        second = _otsu_threshold(dark, dark.min(), dark.max())
         if _otsu_separability(dark, second) >= _SECOND_SPLIT_SEPARABILITY:
             low = second
-    seed = apply_hysteresis_threshold(img, low, high) if low < high else img > high
-    labels, n = ndi.label(seed)
+    del dark
+    # Hysteresis: the components of ``img > low`` that reach above ``high`` (the same
+    # regions as skimage's apply_hysteresis_threshold, labelled once).
+    labels, n = ndi.label(img > low) if low < high else ndi.label(img > high)
     if n == 0:
         return np.zeros(img.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
+    flat = labels.reshape(-1)
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for start in range(0, flat.size, _BLOCK_PIXELS):  # bincount casts to intp: blocks
+        sizes += np.bincount(flat[start : start + _BLOCK_PIXELS], minlength=n + 1)
     sizes[0] = 0
+    if low < high:
+        reaches_high = np.zeros(n + 1, dtype=bool)
+        reaches_high[labels[img > high]] = True
+        sizes[~reaches_high] = 0
+    if not sizes.any():
+        return np.zeros(img.shape, dtype=bool)
     largest = labels == int(np.argmax(sizes))
-    return np.asarray(ndi.binary_fill_holes(largest), dtype=bool)
+    del labels, flat
+    # Fill the holes (as ndi.binary_fill_holes, quicker): the background components
+    # (4-connected) that do not reach the image border.
+    background, _ = ndi.label(~largest)
+    edges = (background[0], background[-1], background[:, 0], background[:, -1])
+    outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    outside[np.concatenate(edges)] = True
+    outside[0] = False
+    return np.asarray(~outside[background])
+
+
+def _unit_float32(
+    arr: np.ndarray, lo: np.generic, hi: np.generic, *, quantize_8bit: bool
+) -> np.ndarray:
+    """``(arr − lo) / (hi − lo)`` (rounded to 256 levels when asked) as a new float32 array.
+
+    The values are the float64 computation's, rounded once to float32 (what resampling
+    received before), without a float64 copy of the image: integer images of up to 16
+    bits go through a float64 lookup table of their levels, anything else is mapped in
+    row blocks.
+    """
+    lo_f, span = float(lo), float(hi) - float(lo)
+
+    def unit64(values: np.ndarray) -> np.ndarray:
+        u = (values - lo_f) / span
+        if quantize_8bit:
+            u = np.round(u * 255.0) / 255.0
+        return u
+
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2:
+        levels = int(hi) - int(lo) + 1
+        if levels <= _MAX_LUT_LEVELS:
+            lut = unit64(np.arange(levels, dtype=np.float64) + lo_f).astype(np.float32)
+            # The offset from lo fits the unsigned type of the same width (modular
+            # arithmetic makes it exact for signed images too).
+            utype = np.dtype(f"u{arr.dtype.itemsize}")
+            offset = arr.view(utype) - np.asarray(lo).astype(arr.dtype).view(utype)
+            return lut[offset]
+    out = np.empty(arr.shape, dtype=np.float32)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _BLOCK_PIXELS):
+        block = slice(start, start + _BLOCK_PIXELS)
+        flat_out[block] = unit64(flat_in[block].astype(np.float64))
+    return out
 
 
 def preprocess(
@@ -413,17 +516,17 @@ def preprocess(
         raise ValueError(f"pixels must be 2-D (rows, columns), got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"pixels must be a real numeric array, got {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("pixels must be finite (no NaN or inf)")
     transform = GridTransform.for_spacing(arr.shape, pixel_spacing_mm, target_spacing_mm)
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = arr.min(), arr.max()
+    # min/max propagate NaN and reach ±inf, so this checks every pixel without a copy.
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("pixels must be finite (no NaN or inf)")
     if hi <= lo:
-        raise InvalidImageError(f"the image is constant (value {lo:g}): nothing to segment")
-    unit = (arr - lo) / (hi - lo)
-    if quantize_8bit:
-        unit = np.round(unit * 255.0) / 255.0
-    work = np.clip(transform.image_to_work(unit), 0.0, 1.0).astype(np.float32)
+        raise InvalidImageError(f"the image is constant (value {float(lo):g}): nothing to segment")
+    unit = _unit_float32(arr, lo, hi, quantize_8bit=quantize_8bit)
+    work = transform._resample_float32(unit)
+    del unit
+    np.clip(work, 0.0, 1.0, out=work)
     mask = breast_mask(work)
     work[~mask] = 0.0
     logger.debug(
