@@ -165,6 +165,24 @@ def test_touching_blobs_make_one_component_candidate_but_two_maxima_candidates(
     assert sum(c.area_px for c in two) == one.area_px
 
 
+def test_maxima_rule_keeps_two_touching_blobs_apart_beside_a_fainter_one(
+    transform100: GridTransform,
+) -> None:
+    # Two equal µCs 8 px (0.56 mm) apart with a fainter one 8 px below them: each peak
+    # is its own plateau. (The plateau merge once joined every peak reachable above the
+    # lowest peak's height, which put one candidate midway between the two.)
+    rmap = _map((60.0, 100.0, 0.9), (68.0, 100.0, 0.9), (64.0, 108.0, 0.35))
+    cands = propose(rmap, transform100, config=ProposalConfig(split="maxima"))
+    assert len(cands) == 3
+    upper = sorted(c.x_work for c in cands if c.y_work < 104)
+    assert upper == [pytest.approx(60.0, abs=1.0), pytest.approx(68.0, abs=1.0)]
+    (lower,) = (c for c in cands if c.y_work >= 104)
+    assert (lower.x_work, lower.y_work) == (
+        pytest.approx(64.0, abs=1.0),
+        pytest.approx(108.0, abs=1.0),
+    )
+
+
 def test_maxima_rule_keeps_one_candidate_per_isolated_blob(transform100: GridTransform) -> None:
     rmap = _map((50.0, 50.0, 0.9), (110.0, 150.0, 0.5))
     cands = propose(rmap, transform100, config=ProposalConfig(split="maxima"))

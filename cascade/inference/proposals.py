@@ -311,6 +311,8 @@ def residual_map(
 
 #: Components with more maxima than this skip the plateau merge (cost bound).
 MAX_PLATEAU_PEAKS = 32
+#: Height tolerance within which maxima joined at their own height are one plateau.
+PLATEAU_TOL = 1e-3
 #: Above this many raw local maxima (and 5 % of the pixels above threshold: flat
 #: plateaus) a map is degenerate (see :func:`propose`).
 MAX_RAW_PEAKS = 5000
@@ -333,18 +335,61 @@ class _Region:
     image: np.ndarray
 
 
-def _merge_plateaus(own: np.ndarray, sm: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Peaks of one component joined by pixels within 1e-3 of their height: one each."""
-    if len(own) == 1 or len(own) > MAX_PLATEAU_PEAKS:
+def _merge_plateaus(
+    own: np.ndarray, sm: np.ndarray, region: np.ndarray, *, tol: float = PLATEAU_TOL
+) -> np.ndarray:
+    """One peak per plateau: peaks of one component joined at their own height merge.
+
+    Two peaks are one plateau when their heights differ by at most ``tol`` and a path of
+    region pixels no lower than the higher one's height minus ``tol`` joins them (a flat
+    top that ``peak_local_max`` reports as several maxima). Peaks of distinct hills stay
+    apart however high the ground between them: an earlier rule joined every peak
+    reachable above the *lowest* peak's height, which fused the µCs of a dense cluster
+    (and the large µCs among them) into one candidate whose centre lay > 1 mm from them.
+
+    Parameters
+    ----------
+    own : numpy.ndarray
+        ``(P, 2)`` int (row, col) peaks inside ``region``, in ``sm``'s frame.
+    sm : numpy.ndarray
+        The smoothed map around the component.
+    region : numpy.ndarray
+        bool, the component's pixels (``sm``'s shape).
+    tol : float
+        Height tolerance of a plateau.
+
+    Returns
+    -------
+    numpy.ndarray
+        The first peak (in input order) of each plateau, in input order.
+    """
+    n = len(own)
+    if n == 1 or n > MAX_PLATEAU_PEAKS:
         # A component with very many maxima is not a plateau problem (and the pairwise
         # check would cost peaks × area): keep its peaks as they are.
         return own
-    top = np.zeros_like(region)
-    for r, c in own:
-        top |= (sm >= sm[r, c] - 1e-3) & region
-    top_lab = label(top, connectivity=2)
-    ids = top_lab[tuple(own.T)]
-    first = [int(np.flatnonzero(ids == i)[0]) for i in np.unique(ids)]
+    heights = sm[tuple(own.T)]
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in np.argsort(-heights, kind="stable"):
+        level = np.flatnonzero(np.abs(heights - heights[i]) <= tol)
+        if len(level) < 2:
+            continue
+        # The higher peak's tolerance level: a lower peak of the pair lies above it too.
+        top_lab = label((sm >= heights[i] - tol) & region, connectivity=2)
+        lab_i = top_lab[own[i, 0], own[i, 1]]
+        for j in level:
+            if heights[j] <= heights[i] and top_lab[own[j, 0], own[j, 1]] == lab_i:
+                ri, rj = root(int(i)), root(int(j))
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    first = sorted({root(i) for i in range(n)})
     return own[first]
 
 

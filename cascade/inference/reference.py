@@ -33,6 +33,7 @@ from cascade.inference.proposals import (
     Candidate,
     MapKind,
     ProposalConfig,
+    _merge_plateaus,
 )
 
 logger = logging.getLogger("cascade.inference.proposals")
@@ -151,13 +152,7 @@ def components_reference(rmap: np.ndarray, config: ProposalConfig) -> np.ndarray
             region = labels[sl] == lab
             sm = smooth[sl]
             local = own - np.array([sl[0].start, sl[1].start])
-            top = np.zeros_like(region)
-            for r, c in local:
-                top |= (sm >= sm[r, c] - 1e-3) & region
-            top_lab = label(top, connectivity=2)
-            ids = top_lab[tuple(local.T)]
-            first = [int(np.flatnonzero(ids == i)[0]) for i in np.unique(ids)]
-            keep.append(own[first])
+            keep.append(_merge_plateaus(local, sm, region) + np.array([sl[0].start, sl[1].start]))
         peaks = np.concatenate(keep)
     markers = np.zeros_like(labels)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
