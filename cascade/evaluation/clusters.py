@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from cascade.evaluation.froc import ImageEval
@@ -144,20 +146,12 @@ def group_points(
         return []
     row_mm, col_mm = (float(s) for s in spacing_mm)
     xy_mm = np.column_stack([pts[:, 0] * col_mm, pts[:, 1] * row_mm])
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1:
-        for i, j in cKDTree(xy_mm).query_pairs(r=float(cluster_distance_mm)):
-            parent[find(i)] = find(j)
+    pairs = cKDTree(xy_mm).query_pairs(r=float(cluster_distance_mm), output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), (n, n))
+    _, component = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
+    for i, c in enumerate(component.tolist()):
+        groups.setdefault(c, []).append(i)
     clusters = [
         Cluster(tuple(sorted(g)), True) for g in groups.values() if len(g) >= min_cluster_size
     ]
