@@ -3,13 +3,16 @@
 A *map net* turns one working-grid tile into the proposal map (the µC probability
 of the cross-entropy U-Net, or the ASN residual ``|f(I) − I|``); a *crop scorer*
 turns FPR crops into probabilities. Both come in two backends built from the same
-torch module, so the checkpoint stays the only source of weights:
+torch module, so the checkpoint stays the only source of weights. A map net runs the
+U-Net rewritten by :mod:`cascade.inference.fused` (norms folded, skips split, the CE
+head as one sigmoid: same function, fewer passes over the feature maps):
 
 ``torch``
-    The module itself, under ``torch.inference_mode``, channels-last on the CPU.
+    That module under ``torch.inference_mode``, channels-last on the CPU.
 ``onnx``
-    The module exported to ONNX in memory at load time (``torch.onnx``, opset 17)
-    and run by ONNX Runtime's CPU provider with a fixed number of intra-op threads.
+    That module (the FPR: the module itself) exported to ONNX in memory at load time
+    (``torch.onnx``, opset 17) and run by ONNX Runtime's CPU provider with a fixed
+    number of intra-op threads.
     On the 2-core AMD EPYC this project is measured on it needs about half the CPU
     time of torch for the U-Net and a fifth for the FPR (``bench/speed.py``,
     ``bench/README.md``). Optional: ``pip install calcnode[onnx]``.
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade.errors import CascadeError
+from cascade.inference.fused import fused_map_module, map_from_output
 
 logger = logging.getLogger(__name__)
 
@@ -107,34 +111,6 @@ def select_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def map_from_output(y: torch.Tensor, x: torch.Tensor, *, kind: str, residual: str) -> torch.Tensor:
-    """The proposal map of a U-Net output ``y`` ``(B, C, H, W)`` for its input ``x``.
-
-    ``kind="segmentation"``: softmax probability of class 1 (``(B, 1, H, W)``);
-    ``kind="residual"``: ``|y − x|``, ``(y − x)²`` or smooth-L1 of ``y − x``.
-    """
-    if kind == "segmentation":
-        return torch.softmax(y, dim=1)[:, 1:2]
-    diff = y - x
-    if residual == "l2":
-        return diff**2
-    if residual == "smooth_l1":
-        a = diff.abs()
-        return torch.where(a < 1.0, 0.5 * a**2, a - 0.5)
-    return diff.abs()
-
-
-class _MapHead(torch.nn.Module):
-    """U-Net + its map, one module (what is exported to ONNX)."""
-
-    def __init__(self, model: torch.nn.Module, kind: str, residual: str) -> None:
-        super().__init__()
-        self.model, self.kind, self.residual = model, kind, residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return map_from_output(self.model(x), x, kind=self.kind, residual=self.residual)
-
-
 class _FprBody(torch.nn.Module):
     """An FPR network after its input normalisation (``median`` has no ONNX export)."""
 
@@ -150,12 +126,14 @@ class _FprBody(torch.nn.Module):
 
 
 class TorchMapNet:
-    """The proposal map computed by the torch module (eval mode, inference mode).
+    """The proposal map computed by torch (inference mode), fused at construction.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The U-Net; it is used as it is (the caller puts it in eval mode).
+        The U-Net; its weights are copied into :func:`cascade.inference.fused.fused_map_module`
+        (batch norm with its running statistics, as in eval mode), so later changes to
+        ``model`` are not seen: build a new map net after training steps.
     kind, residual : str
         See :func:`map_from_output`.
     device : torch.device or str
@@ -178,14 +156,15 @@ class TorchMapNet:
         self.model, self.kind, self.residual = model, kind, residual
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self.net = fused_map_module(model, kind=kind, residual=residual).to(self.device)
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(tile, np.float32))[None, None]
             x = x.to(self.device)
-            inp = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-            m = map_from_output(self.model(inp), x, kind=self.kind, residual=self.residual)
-            return m[0, 0].float().cpu().numpy()
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.net(x)[0, 0].float().cpu().numpy()
 
 
 def _session(
@@ -256,7 +235,7 @@ class OnnxMapNet:
     def __init__(
         self, model: torch.nn.Module, *, kind: str, residual: str, threads: int | None = None
     ) -> None:
-        head = _MapHead(model, kind, residual).eval()
+        head = fused_map_module(model, kind=kind, residual=residual)
         self.threads = _threads(threads)
         self.session = _session(
             head, torch.rand(1, 1, 64, 64), {0: "batch", 2: "rows", 3: "cols"}, self.threads
