@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cascade.evaluation.operating_point import OperatingPoint
 from cascade.inference.detector import Detector
 from cascade.inference.weights import BUNDLED_WEIGHTS, ModelWeights
 from cascade.models.checkpoint import checkpoint_sha256, describe_checkpoint
@@ -58,3 +60,28 @@ def test_bundled_detector_finds_points_inside_a_fresh_phantom(tmp_path: Path) ->
         assert 0 <= det.x < result.columns and 0 <= det.y < result.rows
         assert 0.0 <= det.fpr_score <= 1.0
         assert det.score == pytest.approx(det.asn_score * det.fpr_score)
+
+
+def test_a_detector_with_an_operating_point_reports_what_scoring_every_candidate_reports(
+    phantoms: Path,
+) -> None:
+    # With a point, the FPR is skipped where ASN score < min_score (final = ASN × FPR ≤
+    # ASN): that must change nothing in what is reported. The point here sits at the
+    # median ASN score of the candidates, so about half of them are skipped.
+    every = Detector.bundled(device="cpu", calibrated=False)
+    reported = skipped = 0
+    for image in sorted(phantoms.parent.rglob("*.dcm"))[:2]:
+        all_found = every.detect(image).detections
+        asn = np.array([d.asn_score for d in all_found])
+        op = OperatingPoint(fpr_threshold=0.5, min_score=float(np.median(asn)))
+        expect = op.select(
+            np.array([d.score for d in all_found]), np.array([d.fpr_score for d in all_found])
+        )
+        got = Detector.bundled(device="cpu", operating_point=op).detect(image).detections
+        assert [(d.x, d.y, d.score, d.fpr_score) for d in got] == [
+            (all_found[i].x, all_found[i].y, all_found[i].score, all_found[i].fpr_score)
+            for i in expect
+        ]
+        reported += len(got)
+        skipped += int((asn < op.min_score).sum())
+    assert reported and skipped, "no evidence: nothing reported or nothing skipped"

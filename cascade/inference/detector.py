@@ -305,8 +305,7 @@ class Detector:
             cands = propose(rmap, pre.transform, config=self.proposal)
             clock("candidates")
             if self.fpr_net is not None and cands:
-                crops = extract_crops(pre.image, candidates_xy(cands, grid="work"))
-                probs = self.fpr_net(crops)
+                probs = self._fpr_probabilities(pre.image, cands)
             else:
                 probs = np.ones(len(cands))
         clock("fpr")
@@ -343,6 +342,24 @@ class Detector:
         )
         clock("detections")
         return result
+
+    def _fpr_probabilities(self, image: np.ndarray, cands: Sequence[Candidate]) -> np.ndarray:
+        """FPR probabilities of the candidates the operating point could still report.
+
+        The final score is ASN score × FPR probability ≤ ASN score, so a candidate whose
+        ASN score is below the operating point's ``min_score`` is never reported: the
+        FPR is not run on it (probability 0). The detections are the same as when
+        every candidate is scored; without an operating point every one is.
+        """
+        op = self.operating_point
+        asn = np.array([c.asn_score for c in cands], dtype=np.float64)
+        need = np.flatnonzero(asn >= op.min_score) if op is not None else np.arange(len(cands))
+        probs = np.zeros(len(cands), dtype=np.float64)
+        if len(need):
+            xy = candidates_xy([cands[int(i)] for i in need], grid="work")
+            assert self.fpr_net is not None
+            probs[need] = self.fpr_net(extract_crops(image, xy))
+        return probs
 
     def detect_many(self, sources: Sequence[str | os.PathLike[str]]) -> list[ImageDetections]:
         """:meth:`detect` on several files."""
