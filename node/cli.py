@@ -55,8 +55,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         vendors=args.vendor,
         preview=args.preview,
         progress=not args.quiet,
+        profile=args.profile,
     )
-    print(f"wrote {args.count} images and the manifest {manifest}")
+    print(f"wrote {args.count} images ({args.profile} profile) and the manifest {manifest}")
     return 0
 
 
@@ -81,6 +82,14 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         action="append",
         choices=PHANTOM_VENDORS,
         help="draw studies only from this vendor profile (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("standard", "wide", "subtle"),
+        default="standard",
+        help="sampling distributions: standard (the default, unchanged renders), wide "
+        "(harder, wider training data) or subtle (faint, mostly small µCs in dense tissue, "
+        "for validation / test); see docs/phantom.md",
     )
     p.add_argument("--preview", action="store_true", help="also write PNGs, truth circled")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

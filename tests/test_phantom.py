@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import subprocess
@@ -18,8 +19,10 @@ from cascade.data.manifest import read_manifest
 from cascade.synthesis import (
     MG_FOR_PRESENTATION,
     NEGATIVE_FRACTION,
+    PROFILES,
     VENDORS,
     PhantomImage,
+    PhantomProfile,
     PhantomStudy,
     display_from_stored,
     generate_dataset,
@@ -363,6 +366,131 @@ def test_cli_vendor_choices_are_the_phantom_vendors() -> None:
     assert tuple(sorted(VENDORS)) == PHANTOM_VENDORS
 
 
+# --------------------------------------------------------------------------- profiles
+# sha256 of ``render_image(np.random.default_rng(7), vendor="ge").pixels.tobytes()`` and of
+# the repr of its µC truth, computed with the code of commit 4cdac70 (before profiles
+# existed) from ``git archive``: the standard profile must keep every old seed's render.
+STANDARD_SEED7_PIXELS = "fa70c41a07056504f734beaaabd0aa2d3a86288a4c71c71034b2d1d851545432"
+STANDARD_SEED7_TRUTH = "3c3f8269223dbdaddaeaa68d07cdd6813cad6d5faaf2a4d41d5e4330a6c1fabf"
+
+
+@pytest.fixture(scope="module")
+def profile_images() -> dict[str, list[PhantomImage]]:
+    images = {"standard": [_render(7, profile="standard")]}
+    for name in ("wide", "subtle"):
+        images[name] = [_render(seed, profile=name, positive=True) for seed in (7, 8)]
+    return images
+
+
+def _truth_digest(image: PhantomImage) -> str:
+    truth = [
+        (c.x, c.y, c.diameter_mm, c.peak_contrast, c.shape, c.cluster) for c in image.calcifications
+    ]
+    return hashlib.sha256(repr(truth).encode()).hexdigest()
+
+
+def test_standard_profile_renders_exactly_what_the_phantom_rendered_before_profiles(
+    profile_images: dict[str, list[PhantomImage]],
+) -> None:
+    image = profile_images["standard"][0]
+    assert len(image.calcifications) == 34
+    assert hashlib.sha256(image.pixels.tobytes()).hexdigest() == STANDARD_SEED7_PIXELS
+    assert _truth_digest(image) == STANDARD_SEED7_TRUTH
+    assert image.profile == "standard" and image.tags["profile"] == "standard"
+
+
+def test_subtle_profile_has_fainter_microcalcifications_than_standard(
+    profile_images: dict[str, list[PhantomImage]],
+) -> None:
+    def contrasts(name: str) -> np.ndarray:
+        return np.array([c.peak_contrast for im in profile_images[name] for c in im.calcifications])
+
+    standard, subtle, wide = contrasts("standard"), contrasts("subtle"), contrasts("wide")
+    assert len(subtle) >= 20 and len(wide) >= 20
+    assert np.median(subtle) < 0.5 * np.median(standard)
+    assert np.median(subtle) < 0.05
+    # Down to the quantum-noise floor (σ/S of one 100-µm GE pixel ≈ 1.6 %).
+    assert np.quantile(subtle, 0.1) < 0.025 and np.quantile(wide, 0.1) < 0.03
+    assert subtle.max() <= 0.12
+
+
+def test_wide_profile_sizes_span_0_1_to_1_mm(profile_images: dict[str, list[PhantomImage]]) -> None:
+    sizes = np.array([c.diameter_mm for im in profile_images["wide"] for c in im.calcifications])
+    assert sizes.min() >= 0.1 and sizes.max() <= 1.0
+    assert sizes.min() < 0.15 and sizes.max() > 0.7
+    assert (sizes >= 0.5).mean() > 0.15  # log-uniform: ≈ 30 % are 0.5–1 mm
+    subtle = [c.diameter_mm for im in profile_images["subtle"] for c in im.calcifications]
+    assert np.median(subtle) < 0.3  # mostly small
+
+
+def test_wide_and_subtle_profiles_draw_branching_and_pleomorphic_shapes(
+    profile_images: dict[str, list[PhantomImage]],
+) -> None:
+    old = {"ellipsoid", "lobulated", "linear"}
+    assert {c.shape for c in profile_images["standard"][0].calcifications} <= old
+    for name in ("wide", "subtle"):
+        shapes = {c.shape for im in profile_images[name] for c in im.calcifications}
+        assert {"branching", "pleomorphic"} <= shapes, name
+        for im in profile_images[name]:
+            for c in im.calcifications:
+                assert im.breast_mask[round(c.y), round(c.x)]
+                assert c.outline is not None and len(c.outline) >= 3
+
+
+def test_wide_and_subtle_profiles_have_about_half_normal_images() -> None:
+    from cascade.synthesis.render import _draw_density
+
+    def planned_positive(seed: int, name: str) -> bool:
+        # render_image's own first draws: the density class, then positive or not.
+        rng = np.random.default_rng(seed)
+        _draw_density(rng, name)
+        return PROFILES[name].draw_positive(rng)
+
+    for name in ("wide", "subtle"):
+        plan = [planned_positive(seed, name) for seed in range(40)]
+        assert 0.35 <= 1 - np.mean(plan) <= 0.65, name
+    assert PROFILES["standard"].negative_fraction == NEGATIVE_FRACTION
+    # render_image follows that plan.
+    plan = [planned_positive(seed, "wide") for seed in range(40)]
+    neg, pos = plan.index(False), plan.index(True)
+    assert _render(neg, profile="wide").calcifications == ()
+    assert len(_render(pos, profile="wide").calcifications) > 0
+
+
+def test_manifest_records_the_profile(dataset_dir: Path, tmp_path: Path) -> None:
+    assert {r.tags["profile"] for r in read_manifest(dataset_dir / "manifest.jsonl")} == {
+        "standard"
+    }
+    manifest = generate_dataset(tmp_path, count=2, seed=3, profile="subtle", progress=False)
+    assert {r.tags["profile"] for r in read_manifest(manifest)} == {"subtle"}
+
+
+def test_cli_profile_choices_are_the_phantom_profiles() -> None:
+    from node.cli import build_parser
+
+    parser = build_parser()
+    for name in PROFILES:
+        assert parser.parse_args(["phantom", "--out", "x", "--profile", name]).profile == name
+    assert parser.parse_args(["phantom", "--out", "x"]).profile == "standard"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["phantom", "--out", "x", "--profile", "hard"])
+
+
+def test_phantom_profile_rejects_inconsistent_distributions() -> None:
+    import dataclasses
+
+    base = PROFILES["wide"]
+    with pytest.raises(ValueError, match="negative_fraction"):
+        dataclasses.replace(base, negative_fraction=1.0)
+    with pytest.raises(ValueError, match="shape_probabilities"):
+        dataclasses.replace(base, shape_probabilities=(("star", 1.0),))
+    with pytest.raises(ValueError, match="shape_probabilities"):
+        dataclasses.replace(base, shape_probabilities=(("linear", 0.5),))
+    with pytest.raises(ValueError, match="contrast_range"):
+        dataclasses.replace(base, contrast_range=(0.2, 0.1))
+    assert isinstance(base, PhantomProfile)
+
+
 # --------------------------------------------------------------------------- invalid input
 @pytest.mark.parametrize(
     ("kwargs", "name"),
@@ -373,6 +501,7 @@ def test_cli_vendor_choices_are_the_phantom_vendors() -> None:
         ({"count": True, "seed": 1}, "count"),
         ({"count": 2, "seed": 1, "vendors": ["acme"]}, "vendors"),
         ({"count": 2, "seed": 1, "vendors": []}, "vendors"),
+        ({"count": 2, "seed": 1, "profile": "hard"}, "profile"),
     ],
 )
 def test_generate_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, name: str) -> None:
@@ -390,6 +519,7 @@ def test_generate_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, na
         ({"density": "extreme"}, "density"),
         ({"photometric": "RGB"}, "photometric"),
         ({"transfer_syntax": "1.2.3"}, "transfer_syntax"),
+        ({"profile": "wider"}, "profile"),
     ],
 )
 def test_render_image_rejects_bad_arguments(kwargs: dict, name: str) -> None:

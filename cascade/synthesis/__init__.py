@@ -9,7 +9,9 @@ grid: ``x`` = column, ``y`` = row, 0-based, the centre of the first pixel at ``(
 
 Entry points: :func:`render_image` (arrays and truth, no DICOM), :func:`phantom_to_dataset`
 (an MG For Presentation dataset) and :func:`generate_dataset` (studies on disk with a
-manifest and optional previews).
+manifest and optional previews). Each takes a keyword-only ``profile`` (:data:`PROFILES`):
+``"standard"`` (the default, unchanged renders), ``"wide"`` (harder training data) or
+``"subtle"`` (faint validation / test µCs).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cascade.synthesis.confounders import LINEAR_COUNT, VASCULAR_FRACTION
 from cascade.synthesis.dataset import generate_dataset
 from cascade.synthesis.dicom import MG_FOR_PRESENTATION, phantom_to_dataset
 from cascade.synthesis.presentation import display_from_stored
+from cascade.synthesis.profiles import PROFILES, SHAPES, PhantomProfile
 from cascade.synthesis.render import SMALL_FIELD_MM, Laterality, Size, View, render_image
 from cascade.synthesis.results import PhantomCalcification, PhantomImage, PhantomStudy
 from cascade.synthesis.tissue import (
@@ -64,6 +67,8 @@ __all__ = [
     "MU_MUSCLE",
     "MU_SKIN",
     "NEGATIVE_FRACTION",
+    "PROFILES",
+    "SHAPES",
     "SKIN_MM",
     "SMALL_FIELD_MM",
     "TEXTURE_GRID_MM",
@@ -75,6 +80,7 @@ __all__ = [
     "Laterality",
     "PhantomCalcification",
     "PhantomImage",
+    "PhantomProfile",
     "PhantomStudy",
     "Size",
     "VendorProfile",

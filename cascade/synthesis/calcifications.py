@@ -1,7 +1,8 @@
 """Microcalcifications (≤ 1 mm): the truth a detector must find.
 
-Sizes and peak contrasts are log-normal; shapes are irregular ellipsoids, lobulated
-unions or linear / branching rods; each µC's effective μ is solved so that its post-blur
+Sizes and peak contrasts follow the phantom profile (:mod:`.profiles`; log-normal in the
+standard one); shapes are irregular ellipsoids, lobulated unions, linear rods, branching
+casts or pleomorphic fragment groups; each µC's effective μ is solved so that its post-blur
 peak contrast hits the sampled target. µCs are placed in 1–3 Gaussian clusters (convex
 hulls recorded) plus a few isolated ones, away from the skin, the pectoral muscle and
 macro-calcifications.
@@ -17,6 +18,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from cascade.synthesis.anatomy import _Geometry, _random_point
+from cascade.synthesis.profiles import PROFILES, PhantomProfile
 from cascade.synthesis.raster import (
     _bin,
     _Canvas,
@@ -56,11 +58,33 @@ def _truncated_lognormal(
     return float(min(max(median, lo), hi))
 
 
-def _uc_contrast(rng: np.random.Generator, diameter_mm: float) -> float:
-    """Target post-blur peak contrast of a µC: log-normal, larger for larger µCs, truncated."""
-    base = _truncated_lognormal(rng, CONTRAST_MEDIAN, CONTRAST_SIGMA_LN, 0.0, math.inf)
-    scaled = base * (diameter_mm / 0.28) ** CONTRAST_SIZE_EXPONENT
-    return float(np.clip(scaled, *CONTRAST_RANGE))
+def _uc_contrast(
+    rng: np.random.Generator,
+    diameter_mm: float,
+    profile: PhantomProfile | None = None,
+    bounds: tuple[float, float] = CONTRAST_RANGE,
+) -> float:
+    """Target post-blur peak contrast of a µC: log-normal, larger for larger µCs, truncated.
+
+    Without a profile, the standard distribution (the module constants).
+    """
+    if profile is None:
+        base = _truncated_lognormal(rng, CONTRAST_MEDIAN, CONTRAST_SIGMA_LN, 0.0, math.inf)
+        scaled = base * (diameter_mm / 0.28) ** CONTRAST_SIZE_EXPONENT
+        return float(np.clip(scaled, *CONTRAST_RANGE))
+    base = _truncated_lognormal(
+        rng, profile.contrast_median, profile.contrast_sigma_ln, 0.0, math.inf
+    )
+    scaled = base * (diameter_mm / 0.28) ** profile.contrast_size_exponent
+    return float(np.clip(scaled, *bounds))
+
+
+def _uc_diameter(rng: np.random.Generator, profile: PhantomProfile, median: float) -> float:
+    """A µC's diameter (mm): the profile's law, truncated to 0.1–1 mm."""
+    if profile.diameter_law == "loguniform":
+        lo, hi = DIAMETER_RANGE
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return _truncated_lognormal(rng, median, profile.diameter_sigma_ln, *DIAMETER_RANGE)
 
 
 def _solve_mu(contrast_of: Callable[[float], float], target: float) -> tuple[float, float]:
@@ -80,11 +104,18 @@ def _solve_mu(contrast_of: Callable[[float], float], target: float) -> tuple[flo
 
 
 def _uc_thickness_fn(
-    rng: np.random.Generator, diameter: float
+    rng: np.random.Generator, diameter: float, profile: PhantomProfile | None = None
 ) -> tuple[str, Callable[[NDArray, NDArray], NDArray]]:
     """Sample a µC shape of Feret diameter ``diameter`` (mm); return a chord function."""
+    profile = PROFILES["standard"] if profile is None else profile
     r = diameter / 2.0
-    kind = str(rng.choice(["ellipsoid", "lobulated", "linear"], p=[0.45, 0.35, 0.20]))
+    kinds = [k for k, _ in profile.shape_probabilities]
+    probs = [q for _, q in profile.shape_probabilities]
+    kind = str(rng.choice(kinds, p=probs))
+    if kind == "branching":
+        return kind, _branching_fn(rng, diameter)
+    if kind == "pleomorphic":
+        return kind, _pleomorphic_fn(rng, diameter)
     if kind == "ellipsoid":
         harm, grow = _harmonics(rng, 0.25)
         a = r / grow
@@ -132,7 +163,7 @@ def _uc_thickness_fn(
     segs = [
         (-half * math.cos(ang), -half * math.sin(ang), half * math.cos(ang), half * math.sin(ang))
     ]
-    if rng.random() < 0.5:
+    if rng.random() < profile.linear_branch_probability:
         t = float(rng.uniform(-0.4, 0.4))
         bx, by = t * half * math.cos(ang), t * half * math.sin(ang)
         bang = ang + float(rng.choice([-1, 1])) * float(rng.uniform(0.45, 1.0))
@@ -155,13 +186,102 @@ def _uc_thickness_fn(
     return kind, rod
 
 
+def _fit_segments(
+    segs: list[tuple[float, float, float, float]], half: float
+) -> list[tuple[float, float, float, float]]:
+    """Centre segments on their bounding box and scale them into a disc of radius ``half``."""
+    pts = np.array([(s[0], s[1]) for s in segs] + [(s[2], s[3]) for s in segs])
+    mid = 0.5 * (pts.min(axis=0) + pts.max(axis=0))
+    ext = float(np.hypot(*(pts - mid).T).max())
+    k = half / ext if ext > 1e-9 else 1.0
+    mx, my = float(mid[0]), float(mid[1])
+    return [((a - mx) * k, (b - my) * k, (c - mx) * k, (d - my) * k) for a, b, c, d in segs]
+
+
+def _branching_fn(
+    rng: np.random.Generator, diameter: float
+) -> Callable[[NDArray, NDArray], NDArray]:
+    """A branching (Y / forked) cast: a trunk and 1–3 branches, tapering, Feret ≤ diameter."""
+    width = min(float(rng.uniform(0.07, 0.18)), 0.4 * diameter)
+    rw = max(width / 2.0, 0.03)
+    ang = float(rng.uniform(0, 2 * np.pi))
+    trunk = float(rng.uniform(0.4, 0.6)) * diameter
+    segs = [(0.0, 0.0, trunk * math.cos(ang), trunk * math.sin(ang))]
+    radii = [rw]
+    tips = [(segs[0][2], segs[0][3], ang)]
+    for _ in range(int(rng.integers(1, 4))):
+        bx, by, bang0 = tips[int(rng.integers(len(tips)))]
+        bang = bang0 + float(rng.choice([-1, 1])) * float(rng.uniform(0.35, 1.0))
+        blen = float(rng.uniform(0.25, 0.5)) * diameter
+        ex, ey = bx + blen * math.cos(bang), by + blen * math.sin(bang)
+        segs.append((bx, by, ex, ey))
+        radii.append(rw * float(rng.uniform(0.6, 0.9)))
+        tips.append((ex, ey, bang))
+    segs = _fit_segments(segs, diameter / 2.0 - rw)
+    bead_f = float(rng.uniform(2.0, 5.0)) / diameter
+    bead_ph = float(rng.uniform(0, 6.28))
+
+    def fn(dx: NDArray, dy: NDArray) -> NDArray:
+        shape = np.broadcast_shapes(dx.shape, dy.shape)
+        out = np.zeros(shape, dtype=np.float32)
+        mod = 1.0 + 0.25 * np.sin(2 * np.pi * bead_f * (dx * 0.7 - dy * 0.7) + bead_ph)
+        for s, rr0 in zip(segs, radii, strict=True):
+            d = _segment_distance(dx, dy, *s)
+            rr = rr0 * mod
+            np.maximum(out, 2.0 * np.sqrt(np.maximum(rr * rr - d * d, 0.0)), out=out)
+        return out
+
+    return fn
+
+
+def _pleomorphic_fn(
+    rng: np.random.Generator, diameter: float
+) -> Callable[[NDArray, NDArray], NDArray]:
+    """A pleomorphic µC: 3–6 irregular fragments of unequal size and density, touching."""
+    n = int(rng.integers(3, 7))
+    frags: list[tuple[float, float, float, float, float, float, float, list]] = []
+    x = y = 0.0
+    for i in range(n):
+        harm, grow = _harmonics(rng, 0.4)
+        a = diameter * float(rng.uniform(0.12, 0.3)) / grow
+        b = a / float(rng.uniform(1.0, 2.5))
+        c = float(rng.uniform(0.5, 1.2)) * b
+        if i:
+            step = float(rng.uniform(0.6, 1.1)) * (a + frags[-1][2]) * 0.8
+            th = float(rng.uniform(0, 2 * np.pi))
+            x, y = frags[-1][0] + step * math.cos(th), frags[-1][1] + step * math.sin(th)
+        frags.append((x, y, a * grow, a, b, c, float(rng.uniform(0, np.pi)), harm))
+    cx = sum(f[0] for f in frags) / n
+    cy = sum(f[1] for f in frags) / n
+    ext = max(math.hypot(f[0] - cx, f[1] - cy) + f[2] for f in frags)
+    k = min(1.0, diameter / 2.0 / ext)
+    placed = [
+        ((fx - cx) * k, (fy - cy) * k, a * k, b * k, c * k, rot, harm)
+        for fx, fy, _, a, b, c, rot, harm in frags
+    ]
+
+    def fn(dx: NDArray, dy: NDArray) -> NDArray:
+        out = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=np.float32)
+        for ox, oy, a, b, c, rot, harm in placed:
+            np.maximum(out, _ellipsoid_thickness(dx - ox, dy - oy, a, b, c, rot, harm), out=out)
+        return out
+
+    return fn
+
+
 def _render_uc(
-    rng: np.random.Generator, canvas: _Canvas, x: float, y: float, diameter: float, target: float
+    rng: np.random.Generator,
+    canvas: _Canvas,
+    x: float,
+    y: float,
+    diameter: float,
+    target: float,
+    profile: PhantomProfile | None = None,
 ) -> PhantomCalcification | None:
     """Render one µC at (x, y) (L frame, pixels) into the canvas; return its truth."""
     p, sb = canvas.spacing, canvas.blur
     ss = 4
-    kind, fn = _uc_thickness_fn(rng, diameter)
+    kind, fn = _uc_thickness_fn(rng, diameter, profile)
     h = math.ceil(diameter / 2 / p + 3 * sb + 2)
     r0, c0 = math.floor(y) - h, math.floor(x) - h
     n = 2 * h + 1
@@ -192,11 +312,24 @@ def _render_calcifications(
     gland_c: NDArray[np.float32],
     macro: list[tuple[float, float, float]],
     flip: Callable[[float, float], tuple[float, float]],
+    profile: PhantomProfile | None = None,
 ) -> tuple[list[PhantomCalcification], list[tuple[tuple[float, float], ...]]]:
     from scipy.spatial import ConvexHull, QhullError
 
+    prof = PROFILES["standard"] if profile is None else profile
     p = canvas.spacing
-    med = float(rng.uniform(*DIAMETER_MEDIAN_RANGE))
+    med = float(rng.uniform(*prof.diameter_median_range))
+    bounds = prof.contrast_bounds(p)
+
+    def draw(x: float, y: float, dia: float) -> PhantomCalcification | None:
+        if prof.is_standard:  # the original draws, in the original order
+            return _render_uc(rng, canvas, x, y, dia, _uc_contrast(rng, dia))
+        return _render_uc(rng, canvas, x, y, dia, _uc_contrast(rng, dia, prof, bounds), prof)
+
+    if prof.is_standard:
+        weights = gland_c + 0.05
+    else:
+        weights = gland_c**prof.cluster_density_power + prof.cluster_density_offset
     placed: list[tuple[float, float, float]] = []  # x, y (px, L frame), diameter
 
     def free(x: float, y: float, dia: float) -> bool:
@@ -216,7 +349,7 @@ def _render_calcifications(
     hulls: list[tuple[tuple[float, float], ...]] = []
     n_clusters = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
     for _ in range(n_clusters):
-        cx, cy = _random_point(rng, geo, min_edge_mm=8.0, weights=gland_c + 0.05)
+        cx, cy = _random_point(rng, geo, min_edge_mm=8.0, weights=weights)
         sigma = float(rng.uniform(1.5, 3.0)) / p
         n = round(math.exp(rng.uniform(math.log(5), math.log(30))))
         members: list[PhantomCalcification] = []
@@ -225,11 +358,10 @@ def _render_calcifications(
             tries += 1
             x = cx + float(rng.normal(0, sigma))
             y = cy + float(rng.normal(0, sigma))
-            dia = _truncated_lognormal(rng, med, DIAMETER_SIGMA_LN, *DIAMETER_RANGE)
+            dia = _uc_diameter(rng, prof, med)
             if not free(x, y, dia):
                 continue
-            target = _uc_contrast(rng, dia)
-            uc = _render_uc(rng, canvas, x, y, dia, target)
+            uc = draw(x, y, dia)
             if uc is None:
                 continue
             placed.append((x, y, dia))
@@ -249,10 +381,9 @@ def _render_calcifications(
     for _ in range(int(rng.integers(0, 4))):
         for _attempt in range(20):
             x, y = _random_point(rng, geo, min_edge_mm=4.0)
-            dia = _truncated_lognormal(rng, med, DIAMETER_SIGMA_LN, *DIAMETER_RANGE)
+            dia = _uc_diameter(rng, prof, med)
             if free(x, y, dia):
-                target = _uc_contrast(rng, dia)
-                uc = _render_uc(rng, canvas, x, y, dia, target)
+                uc = draw(x, y, dia)
                 if uc is not None:
                     placed.append((x, y, dia))
                     out.append(uc)

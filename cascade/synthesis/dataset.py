@@ -12,9 +12,9 @@ import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from cascade.data.manifest import Calcification, ImageRecord, write_manifest
-from cascade.synthesis.anatomy import DENSITIES
 from cascade.synthesis.dicom import phantom_to_dataset
-from cascade.synthesis.render import Size, render_image
+from cascade.synthesis.profiles import PROFILES
+from cascade.synthesis.render import Size, _draw_density, render_image
 from cascade.synthesis.results import PhantomImage, PhantomStudy
 from cascade.synthesis.vendors import VENDORS
 
@@ -102,6 +102,7 @@ def generate_dataset(
     vendors: Sequence[str] | None = None,
     preview: bool = False,
     progress: bool = True,
+    profile: str = "standard",
 ) -> Path:
     """Render ``count`` phantom images as MG studies on disk, with a manifest.
 
@@ -128,6 +129,11 @@ def generate_dataset(
         Also write preview PNGs.
     progress : bool
         Show a tqdm progress bar.
+    profile : str
+        The phantom profile (a key of ``PROFILES``): ``"standard"`` (the default, identical
+        to the phantom before profiles), ``"wide"`` (harder training data) or
+        ``"subtle"`` (faint validation / test µCs). Recorded in each record's
+        ``tags["profile"]``.
 
     Returns
     -------
@@ -142,6 +148,8 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if size not in ("small", "full"):
         raise ValueError(f"size must be 'small' or 'full', got {size!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     if vendors is None:
         vendor_names = sorted(VENDORS)
     else:
@@ -162,9 +170,7 @@ def generate_dataset(
         for si, views in enumerate(plan):
             srng = np.random.default_rng([seed, 1, si])
             vendor = vendor_names[int(srng.integers(len(vendor_names)))]
-            names = list(DENSITIES)
-            probs = np.array([DENSITIES[n].probability for n in names])
-            density = str(srng.choice(names, p=probs / probs.sum()))
+            density = _draw_density(srng, profile)
             prof = VENDORS[vendor]
             ts = (
                 JPEG2000Lossless
@@ -206,6 +212,7 @@ def generate_dataset(
                     density=density,
                     photometric=photometric,
                     transfer_syntax=ts,
+                    profile=profile,
                 )
                 sop = _uid(seed, "image", si, vi)
                 ds = phantom_to_dataset(

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from cascade.synthesis.anatomy import _Geometry
+from cascade.synthesis.profiles import PhantomProfile
 from cascade.synthesis.raster import _Canvas
 
 
@@ -26,6 +27,9 @@ def _expose(
     geo: _Geometry,
     artefacts: Sequence[tuple[float, float, str]],
     params: dict[str, Any],
+    profile: PhantomProfile | None = None,
+    *,
+    scintillator: bool = False,
 ) -> NDArray[np.float32]:
     """Expose the detector: quanta, blur, quantum and electronic noise, hot pixels, log.
 
@@ -43,6 +47,12 @@ def _expose(
         Hot pixels (``"hot-bright"`` / ``"hot-dark"``) in the L frame; others ignored.
     params : dict
         Updated with the quanta drawn.
+    profile : PhantomProfile or None
+        Quanta and electronic-noise ranges, correlated scintillator noise; None or the
+        standard profile: the original draws (1000–3000 quanta, 0.3 % electronic noise).
+    scintillator : bool
+        The detector is a scintillator (CsI): with a profile that asks for it, the
+        quantum noise is spread like the light (low-pass, same per-pixel variance).
 
     Returns
     -------
@@ -60,7 +70,18 @@ def _expose(
     if not interior.any():
         interior = e_c > 0
     a_ref = float(np.median(a_c[interior]))
-    quanta70 = float(rng.uniform(1000.0, 3000.0))
+    standard = profile is None or profile.is_standard
+    if standard:
+        quanta70 = float(rng.uniform(1000.0, 3000.0))
+        e_frac = 0.003
+    else:
+        assert profile is not None
+        quanta70 = float(rng.uniform(*profile.quanta_range))
+        e_frac = (
+            0.003
+            if profile.electronic_noise_range is None
+            else float(rng.uniform(*profile.electronic_noise_range))
+        )
     n_ref = quanta70 * (p / 0.070) ** 2
     n0 = n_ref * math.exp(a_ref)
     np.negative(A, out=A)
@@ -69,8 +90,18 @@ def _expose(
     S = A
     if canvas.blur > 0:
         S = ndimage.gaussian_filter(S, canvas.blur, mode="nearest", truncate=3.0)
-    sigma_e = 0.003 * n_ref
+    sigma_e = e_frac * n_ref
     noise = rng.standard_normal(S.shape, dtype=np.float32)
+    correlated = (
+        not standard
+        and profile is not None
+        and profile.correlated_scintillator_noise
+        and scintillator
+        and canvas.blur > 0
+    )
+    if correlated:
+        noise = ndimage.gaussian_filter(noise, 0.6 * canvas.blur, mode="nearest", truncate=3.0)
+        noise *= np.float32(1.0 / (float(noise.std()) + 1e-12))
     noise *= np.sqrt(S + sigma_e * sigma_e)
     S += noise
     del noise
@@ -83,4 +114,6 @@ def _expose(
     np.negative(S, out=S)
     P = S  # −ln(S/S0), float32
     params.update(quanta_per_70um_pixel=quanta70, air_quanta=n0)
+    if not standard:
+        params.update(electronic_noise=e_frac, correlated_noise=correlated)
     return P

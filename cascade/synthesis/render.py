@@ -17,6 +17,7 @@ from cascade.synthesis.calcifications import NEGATIVE_FRACTION, _render_calcific
 from cascade.synthesis.confounders import _render_confounders, _render_dust
 from cascade.synthesis.detector import _expose
 from cascade.synthesis.presentation import _to_stored, _vendor_processing
+from cascade.synthesis.profiles import PROFILES
 from cascade.synthesis.raster import _Canvas
 from cascade.synthesis.results import PhantomCalcification, PhantomImage
 from cascade.synthesis.tissue import _glandular_fraction, _tissue_attenuation
@@ -40,6 +41,7 @@ def render_image(
     positive: bool | None = None,
     photometric: str | None = None,
     transfer_syntax: str | None = None,
+    profile: str = "standard",
 ) -> PhantomImage:
     """Render one phantom mammogram with its ground truth.
 
@@ -57,13 +59,20 @@ def render_image(
     laterality : {"L", "R"}
         The chest wall is on the left of the stored image for L, on the right for R.
     density : str or None
-        A key of :data:`DENSITIES`; sampled (10/40/40/10 %) when None.
+        A key of :data:`DENSITIES`; sampled when None (10/40/40/10 % in the standard
+        profile, the profile's ``density_probabilities`` otherwise).
     positive : bool or None
-        Whether the image holds µCs; sampled (60 %) when None.
+        Whether the image holds µCs; sampled when None (60 % in the standard profile,
+        50 % in "wide" and "subtle").
     photometric : str or None
         Force ``"MONOCHROME1"`` / ``"MONOCHROME2"``; sampled per vendor when None.
     transfer_syntax : str or None
         Transfer Syntax UID recorded for writing; explicit VR little endian when None.
+    profile : str
+        A key of :data:`~cascade.synthesis.profiles.PROFILES`: the distributions of µCs,
+        density and detector noise. ``"standard"`` renders exactly what the phantom did
+        before profiles existed; ``"wide"`` (training) and ``"subtle"`` (validation) are
+        harder (see ``docs/phantom.md``).
 
     Returns
     -------
@@ -81,6 +90,8 @@ def render_image(
         raise ValueError(f"view must be 'CC' or 'MLO', got {view!r}")
     if laterality not in ("L", "R"):
         raise ValueError(f"laterality must be 'L' or 'R', got {laterality!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     if density is not None and density not in DENSITIES:
         raise ValueError(f"density must be one of {sorted(DENSITIES)}, got {density!r}")
     if photometric is not None and photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -99,13 +110,15 @@ def render_image(
         rows, cols = round(SMALL_FIELD_MM[0] / p), round(SMALL_FIELD_MM[1] / p)
     else:
         rows, cols = prof.full_shape
+    phantom = PROFILES[profile]
     if density is None:
-        names = list(DENSITIES)
-        probs = np.array([DENSITIES[n].probability for n in names])
-        density = str(rng.choice(names, p=probs / probs.sum()))
+        density = _draw_density(rng, profile)
     dens = DENSITIES[density]
     if positive is None:
-        positive = bool(rng.random() >= NEGATIVE_FRACTION)
+        if phantom.is_standard:
+            positive = bool(rng.random() >= NEGATIVE_FRACTION)
+        else:
+            positive = phantom.draw_positive(rng)
     if photometric is None:
         photometric = (
             "MONOCHROME1" if rng.random() < prof.monochrome1_probability else "MONOCHROME2"
@@ -116,7 +129,11 @@ def render_image(
     params.update(compression_n=float(rng.uniform(60.0, 160.0)))
     params.update(**texture, thickness_mm=t0, mean_glandular=dens.mean_glandular)
 
-    canvas = _Canvas(_tissue_attenuation(geo, gland_c), p, prof.blur_sigma_px)
+    blur = prof.blur_sigma_px
+    if not phantom.is_standard and phantom.blur_jitter is not None:
+        blur *= float(rng.uniform(*phantom.blur_jitter))
+        params.update(blur_sigma_px=blur)
+    canvas = _Canvas(_tissue_attenuation(geo, gland_c), p, blur)
 
     def flip(x: float, y: float) -> tuple[float, float]:
         return ((cols - 1 - x) if laterality == "R" else x, y)
@@ -127,11 +144,21 @@ def render_image(
     calcs: list[PhantomCalcification] = []
     clusters: list[tuple[tuple[float, float], ...]] = []
     if positive:
-        calcs, clusters = _render_calcifications(rng, canvas, geo, gland_c, macro_centres, flip)
+        calcs, clusters = _render_calcifications(
+            rng, canvas, geo, gland_c, macro_centres, flip, phantom
+        )
     artefacts = _render_dust(rng, canvas, flip)
 
     # Detector: blur, quantum + electronic noise, hot pixels.
-    P = _expose(rng, canvas, geo, artefacts, params)
+    P = _expose(
+        rng,
+        canvas,
+        geo,
+        artefacts,
+        params,
+        phantom,
+        scintillator=prof.detector_type == "SCINTILLATOR",
+    )
 
     mask = _upsample(geo.e_c, geo.kc, (rows, cols)) > 0
     muscle = None
@@ -169,4 +196,15 @@ def render_image(
         artefacts=tuple((*flip(x, y), k) for x, y, k in artefacts),
         size=size,
         params=params,
+        profile=profile,
     )
+
+
+def _draw_density(rng: np.random.Generator, profile: str) -> str:
+    """A density class drawn the profile's way (one ``rng.choice``)."""
+    names = list(DENSITIES)
+    if PROFILES[profile].is_standard:
+        probs = np.array([DENSITIES[n].probability for n in names])
+    else:
+        probs = np.array(PROFILES[profile].density_probabilities)
+    return str(rng.choice(names, p=probs / probs.sum()))

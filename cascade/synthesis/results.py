@@ -33,7 +33,8 @@ class PhantomCalcification:
         ``1 − S/S_bg`` at the darkest pixel after pixel aperture and detector blur,
         noise-free, relative to the local background.
     shape : str
-        ``"ellipsoid"``, ``"lobulated"`` or ``"linear"``.
+        ``"ellipsoid"``, ``"lobulated"``, ``"linear"``, ``"branching"`` or
+        ``"pleomorphic"`` (the last two only in the "wide" and "subtle" profiles).
     mu_cm : float
         Effective linear attenuation coefficient used (cm⁻¹).
     cluster : int or None
@@ -96,6 +97,8 @@ class PhantomImage:
         ``"small"`` or ``"full"``.
     params : dict
         The sampled physical parameters (β, thickness, quanta, …) for reports.
+    profile : str
+        The phantom profile that drew the image (``"standard"``, ``"wide"``, ``"subtle"``).
     """
 
     pixels: NDArray[np.uint16] = field(repr=False)
@@ -120,6 +123,7 @@ class PhantomImage:
     artefacts: tuple[tuple[float, float, str], ...]
     size: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    profile: str = "standard"
 
     @property
     def rows(self) -> int:
@@ -157,6 +161,7 @@ class PhantomImage:
             else "explicit-vr-little-endian",
             "size": self.size,
             "source": "phantom",
+            "profile": self.profile,
         }
 
 
