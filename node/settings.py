@@ -1,24 +1,18 @@
 """The node's typed configuration: defaults, TOML files, environment, command line.
 
-The frozen pydantic models below are the one source of truth (``config/calcnode.toml``
-lists every key with the same defaults). :func:`load_settings` layers, lowest first: the
-defaults; the file (``config_file``, else ``$CALCNODE_CONFIG``) and its drop-ins
-``conf.d/*.toml``; the environment (``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS``
-as JSON); the command-line ``overrides``. pydantic-settings reads and merges them (its
-``TomlConfigSettingsSource`` and ``EnvSettingsSource``); added here: the origin of a bad
-value and a "did you mean" in :class:`node.errors.ConfigError`, relative paths resolved
-against the file naming them, text parsed by type, and :func:`dump_toml` (tomli-w).
-
-See Also
---------
-docs/configuration.md : every key, the layers, the error messages.
+Frozen pydantic models are the one source of truth (``config/calcnode.toml`` lists every
+key with the same defaults). :func:`load_settings` has pydantic-settings merge, lowest
+first: the defaults; the file and its drop-ins ``conf.d/*.toml``; the environment
+(``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS`` as JSON); the command-line
+overrides. Our own code says which file or variable set a bad value, and "did you mean".
+See docs/configuration.md: every key, the layers, the error messages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import functools
 import ipaddress
 import json
 import logging
@@ -44,13 +38,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -79,20 +71,22 @@ ENV_DESTINATIONS = "CALCNODE_DESTINATIONS"  #: ``[{"name": …, "ae_title": …}
 _SOURCE_TREE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "calcnode.toml"
 #: ``config/calcnode.toml`` when running from a source tree, else ``None``.
 DEFAULT_CONFIG_PATH: Path | None = _SOURCE_TREE_CONFIG if _SOURCE_TREE_CONFIG.is_file() else None
-#: ``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``.
-_redact_url = functools.partial(re.compile(r"(://[^:/@]*:)[^@/]*@").sub, r"\1***@")
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")  # postgresql://user:secret@host/db
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
+Loc = tuple[str | int, ...]
 
 
 # --------------------------------------------------------------------------- value types
 def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
-    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``."""
+    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``
+    (a ``ValueError`` from ``ok`` is a no)."""
 
     def check(value: Any) -> Any:
-        if not ok(value):
-            raise ValueError(problem.format(v=value))
-        return value
+        with contextlib.suppress(ValueError):
+            if ok(value):
+                return value
+        raise ValueError(problem.format(v=value))
 
     return mode(check)
 
@@ -110,13 +104,6 @@ def _ae_title(value: str) -> str:
     return value
 
 
-def _parses(parse: Callable[[str], object], value: str) -> bool:
-    try:
-        return parse(value) is not None
-    except ValueError:
-        return False
-
-
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
     if unknown := [k for k in kinds if k not in allowed]:
         raise ValueError(f"unknown output kind {unknown[0]!r}; choose from {', '.join(allowed)}")
@@ -125,61 +112,59 @@ def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> t
     return kinds
 
 
-def _invalid(field: str | tuple[str | int, ...], problem: str) -> PydanticCustomError:
+def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:
     """A cross-field error about ``field`` (pydantic would name only the model)."""
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
-_NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
-_NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
 _PORT = "a TCP port between 1 and 65535, got {v}"
-_LEVEL = f"must be one of {', '.join(LOG_LEVELS)}, got {{v!r}}"
+_NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
+_IS_HOST = lambda v: _HOSTNAME.fullmatch(v[:254]) or ipaddress.ip_address(v)  # noqa: E731
+_GOT = ", got {v!r}"
+_LEVEL = f"must be one of {', '.join(LOG_LEVELS)}{_GOT}"
 AETitle = Annotated[str, AfterValidator(_ae_title)]
-_IS_HOST = lambda v: _parses(ipaddress.ip_address, v) or _HOSTNAME.fullmatch(v[:254])  # noqa: E731
 Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name, got {v!r}")]
 Port = Annotated[int, _check(range(1, 65536).__contains__, "must be " + _PORT)]
 _PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) or " + _PORT)]
-_Network = Annotated[str, _check(functools.partial(_parses, ipaddress.ip_network), _NETWORK)]
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
 _Device = Annotated[
     str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N, got {v!r}")
 ]
-_OperatingPoint = Annotated[
+_Point = Annotated[
     str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all, got {v!r}")
 ]
-# Lists: a TOML array or a Python list or tuple; as text, JSON or comma-separated
-# (NoDecode: _from_text parses it, not pydantic-settings).
+_Level = Annotated[
+    str, _check(lambda v: v.upper() in LOG_LEVELS, _LEVEL), AfterValidator(str.upper)
+]
+# Lists: a TOML array, a list or a tuple; text is JSON or comma-separated (see _from_text).
 _AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
-_Networks = Annotated[tuple[_Network, ...], Field(strict=False), NoDecode]
+_NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
+_Networks = Annotated[
+    tuple[Annotated[str, _check(ipaddress.ip_network, _NETWORK)], ...],
+    Field(strict=False),
+    NoDecode,
+]
 _Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
 # Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
 _NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
 _Path = Annotated[Path, Field(strict=False), _NotEmpty, AfterValidator(Path.expanduser)]
 _NoneIfEmpty = BeforeValidator(lambda v: None if v == "" else v)
-_Expand = AfterValidator(lambda p: p and p.expanduser())
-_OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
+_OptionalPath = Annotated[
+    Path | None, Field(strict=False), _NoneIfEmpty, AfterValidator(lambda p: p and p.expanduser())
+]
 _AtLeast0 = Annotated[int, Field(ge=0)]
 _AtLeast1 = Annotated[int, Field(ge=1)]
 _NotNegative = Annotated[float, Field(ge=0)]
 _Positive = Annotated[float, Field(gt=0)]
-_Level = Annotated[
-    str, _check(lambda v: v.upper() in LOG_LEVELS, _LEVEL), AfterValidator(str.upper)
-]
 
 
 # --------------------------------------------------------------------------- error messages
-class _FieldError(ValueError):
-    """A constructor's invalid argument, named by field (``port: must be …``)."""
-
-
-class _FieldTypeError(_FieldError, TypeError):
-    """An argument of the wrong type; still a ``ValueError``, so one class catches all."""
+class _FieldTypeError(ValueError, TypeError):
+    """A constructor's argument of the wrong type: a ``ValueError`` too (one class for all)."""
 
 
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
 _TYPES |= {"tuple": "a list of strings", "path": "a path string", "model": "a table"}
-Loc = tuple[str | int, ...]
-Key = tuple[str, ...]
 
 
 def _loc(error: Mapping[str, Any]) -> Loc:
@@ -214,6 +199,11 @@ def _problem(error: Mapping[str, Any]) -> str:
     return str(error["msg"])
 
 
+def _hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 # --------------------------------------------------------------------------- sections
 class _Section(BaseModel):
     """A frozen, strict table of the configuration; a constructor error names the field."""
@@ -224,10 +214,10 @@ class _Section(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            if _REQUEST.get() is not None:
+            if _REQUEST.get(None) is not None:
                 raise  # pydantic calls __init__ for a nested table: keep the full location
             error = exc.errors()[0]
-            kind = _FieldTypeError if error["type"].endswith("_type") else _FieldError
+            kind = _FieldTypeError if error["type"].endswith("_type") else ValueError
             raise kind(f"{_dotted(_loc(error))}: {_problem(error)}") from None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -292,7 +282,7 @@ class StorageSettings(_Section):
     @classmethod
     def _effective_url(cls, url: str, info: ValidationInfo) -> str:
         if url and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
-            example, got = "sqlite:////var/lib/calcnode/calcnode.db", _redact_url(url)
+            example, got = "sqlite:////var/lib/calcnode/calcnode.db", _PASSWORD.sub(r"\1***@", url)
             raise ValueError(f"must be an SQLAlchemy URL such as {example}, got {got!r}")
         return url or f"sqlite:///{info.data.get('root')}/calcnode.db"
 
@@ -326,7 +316,7 @@ class ModelSettings(_Section):
     path: _OptionalPath = None
     device: _Device = "auto"
     torch_threads: _AtLeast0 = 0
-    operating_point: _OperatingPoint = "calibrated"
+    operating_point: _Point = "calibrated"
     max_findings: _AtLeast0 = 0
 
 
@@ -387,9 +377,7 @@ class Settings(BaseSettings):
     :attr:`sources` takes no part in equality.
     """
 
-    model_config = SettingsConfigDict(
-        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__"
-    )
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -405,24 +393,19 @@ class Settings(BaseSettings):
     _sources: tuple[str, ...] = PrivateAttr(default=())
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(cls, *args: Any, **given: Any) -> tuple[Any, ...]:
         """The layers of :func:`load_settings`, highest first (``Settings()``: its arguments)."""
-        if (request := _REQUEST.get()) is None:
-            return (init_settings,)
-        return init_settings, _Environment(settings_cls, request), _Files(settings_cls, request)
+        if (request := _REQUEST.get(None)) is None:
+            return (given["init_settings"],)
+        files = _Files(cls, toml_file=request.files, deep_merge=True)
+        env = _Environment(cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+        return given["init_settings"], env, files
 
     @field_validator("*", mode="before")
     @classmethod
     def _objects(cls, value: Any, info: ValidationInfo) -> Any:
         section = _model_of(cls.model_fields[str(info.field_name)])
-        if _REQUEST.get() is None and section is not None and not isinstance(value, section):
+        if _REQUEST.get(None) is None and section is not None and not isinstance(value, section):
             got = type(value).__name__
             raise TypeError(f"{info.field_name}: must be a {section.__name__}, got {got}")
         return value
@@ -442,8 +425,9 @@ class Settings(BaseSettings):
         return self
 
     def model_post_init(self, context: Any, /) -> None:
-        if (request := _REQUEST.get()) is not None:
-            self._sources = request.sources
+        if (request := _REQUEST.get(None)) is not None:
+            flags = (f"--{_dotted(key)}" for key, _ in _flatten(request.layers[0][0]))
+            self._sources = (*map(str, request.files), *sorted(request.environ), *flags)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.__dict__ == other.__dict__
@@ -464,15 +448,12 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """:meth:`as_dict` with a password in ``storage.database_url`` masked (no other secret)."""
         data = self.as_dict()
-        data["storage"]["database_url"] = _redact_url(data["storage"]["database_url"])
+        data["storage"]["database_url"] = _PASSWORD.sub(r"\1***@", data["storage"]["database_url"])
         return data
 
 
 # --------------------------------------------------------------------------- loading
-Describe = Callable[[Loc], str]  # where a value at a location came from
-
-
-def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | None:
+def _model_of(field: Any, *, items: bool = False) -> type[BaseModel] | None:
     """The model of a table field (``node``), or with ``items`` of a list of tables."""
     hint = field.annotation
     if items:
@@ -480,9 +461,10 @@ def _model_of(field: FieldInfo, *, items: bool = False) -> type[BaseModel] | Non
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-def _parse(cls: type[BaseModel], table: Any, text: Describe | None, base: Path | None) -> Any:
-    """``table`` with its relative paths made absolute (against ``base``, else the current
-    folder) and, given ``text`` (where a string came from), its strings parsed by type."""
+def _parse(table: Any, layer: Path | str) -> Any:
+    """A layer's ``table``, relative paths made absolute (against the folder of a file,
+    else the current one); from ``"env"`` or ``"cli"``, strings parsed by type: scalars
+    leniently (``"yes"``: true), lists as a JSON array or comma-separated."""
 
     def walk(cls: type[BaseModel], table: Any, loc: Loc) -> Any:
         if not isinstance(table, Mapping):
@@ -491,47 +473,42 @@ def _parse(cls: type[BaseModel], table: Any, text: Describe | None, base: Path |
         for key, value in table.items():
             if (field := cls.model_fields.get(key)) is None:
                 continue  # unknown: pydantic says so
+            hint, item, here = field.annotation, _model_of(field, items=True), (*loc, key)
             if section := _model_of(field):
-                out[key] = walk(section, value, (*loc, key))
-                continue
-            hint, item = field.annotation, _model_of(field, items=True)
-            if hint in (Path, Path | None):
+                value = walk(section, value, here)
+            elif hint in (Path, Path | None):
                 if isinstance(value, str | os.PathLike) and str(value):
-                    path = Path(value).expanduser()
-                    value = str(path if path.is_absolute() else (base or Path.cwd()) / path)
-            elif isinstance(value, str) and text is not None and hint is not str:
-                value = _from_text(hint, value, (*loc, key), text((*loc, key)), item is not None)
+                    base = layer.parent if isinstance(layer, Path) else Path.cwd()
+                    value = str(base / Path(value).expanduser())  # base ignored if absolute
+            elif isinstance(value, str) and isinstance(layer, str) and hint is not str:
+                value = _from_text(hint, value.strip(), _origin(layer, here), item is not None)
             if item is not None and isinstance(value, list | tuple):
-                value = [walk(item, v, (*loc, key, i)) for i, v in enumerate(value)]
+                value = [walk(item, v, (*here, i)) for i, v in enumerate(value)]
             out[key] = value
         return out
 
-    return walk(cls, table, ())
+    return walk(Settings, table, ())
 
 
-def _from_text(hint: Any, text: str, loc: Loc, origin: str, tables: bool) -> Any:
-    """A setting of type ``hint`` from environment or command-line text: scalars by
-    pydantic's lax parsing (``"yes"`` → True), lists as a JSON array or comma-separated,
-    a list of ``tables`` (``destinations``) as a JSON array of objects."""
-    text = text.strip()
-    if get_origin(hint) is tuple and not tables and not text.startswith("["):
+def _from_text(hint: Any, text: str, origin: str, tables: bool) -> Any:
+    """Text as a ``hint`` (if it is no valid one, as is, for validation to explain)."""
+    if get_origin(hint) is not tuple:
+        with contextlib.suppress(ValidationError):
+            return TypeAdapter(hint).validate_python(text, strict=False)
+        return text
+    if not tables and not text.startswith("["):
         return [part.strip() for part in text.split(",") if part.strip()]
     try:
-        if get_origin(hint) is not tuple:
-            return TypeAdapter(hint).validate_python(text)
         parsed = json.loads(text)
-    except ValidationError as exc:
-        raise ConfigError(f"{_dotted(loc)}: {_problem(exc.errors()[0])} ({origin})") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
-        ) from None
+        problem = f"not a valid JSON array{' of objects' * tables}: {exc}"
+        raise ConfigError(f"{origin}: {problem}") from None
     if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
         raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
     return parsed
 
 
-def _flatten(table: Mapping[str, Any], prefix: Key = ()) -> Iterator[tuple[Key, Any]]:
+def _flatten(table: Mapping[str, Any], prefix: Loc = ()) -> Iterator[tuple[Loc, Any]]:
     """``(key, value)`` of every setting in a nested table (key: ``("node", "port")``)."""
     for key, value in table.items():
         if isinstance(value, Mapping) and value:
@@ -546,64 +523,46 @@ def _env_name(loc: Loc) -> str:
     return ENV_PREFIX + "__".join(map(str, loc)).upper()
 
 
-def _hint(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _origin(layer: Path | str, loc: Loc) -> str:
+    """Where the value at ``loc`` of a layer (a file, ``"env"``, ``"cli"``) came from."""
+    if layer == "env":
+        return f"environment variable {_env_name(loc)}"
+    if layer == "cli":
+        return f"command-line override {_dotted(loc)}"
+    return f"from {layer}" + (f", section [{_dotted(loc[:-1])}]" if loc[1:] else "")
 
 
-def _env_origin(loc: Loc) -> str:
-    return f"environment variable {_env_name(loc)}"
-
-
-def _override_origin(loc: Loc) -> str:
-    return f"command-line override {_dotted(loc)}"
-
-
-def _file_origin(path: Path, loc: Loc) -> str:
-    return f"from {path}" + (f", section [{'.'.join(map(str, loc[:-1]))}]" if loc[1:] else "")
-
-
+@dataclasses.dataclass
 class _Request:
-    """One :func:`load_settings` call: its inputs, and its layers to find an origin in.
+    """One :func:`load_settings` call: its inputs, and each layer's data (highest first)."""
 
-    ``layers`` holds each layer's data with what describes its keys, highest first: the
-    overrides, then each source inserts its own just below them as it reads (the files
-    when the TOML source is made, the environment later, when pydantic-settings calls it).
-    """
-
-    def __init__(self, files: list[Path], environ: dict[str, str], overrides: dict) -> None:
-        self.files, self.environ, self.overrides = files, environ, overrides
-        self.layers: list[tuple[Mapping[str, Any], Describe]] = [(overrides, _override_origin)]
-        flags = (f"--{'.'.join(key)}" for key, _ in _flatten(overrides))
-        self.sources = (*map(str, files), *sorted(environ), *flags)
+    files: list[Path]
+    environ: dict[str, str]
+    layers: list[tuple[Mapping[str, Any], Path | str]]
 
     def origin(self, loc: Loc) -> str:
         """Where the value at ``loc`` came from: its key, else a key of its table."""
         keys = tuple(p for p in loc if isinstance(p, str))
         keys = keys[:1] if keys[:1] == ("destinations",) else keys
-        found = [(key, describe) for data, describe in self.layers for key, _ in _flatten(data)]
+        found = [(key, layer) for data, layer in self.layers for key, _ in _flatten(data)]
         for matches in (lambda k: k[: len(keys)] == keys, lambda k: k[:-1] == keys[:-1]):
-            for key, describe in found:
+            for key, layer in found:
                 if matches(key):
-                    return describe(key)
+                    return _origin(layer, key)
         return "the built-in default"
 
 
 class _Files(TomlConfigSettingsSource):
-    """The configuration file and its drop-ins (pydantic-settings merges them in order)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], request: _Request) -> None:
-        self._request = request
-        super().__init__(settings_cls, toml_file=request.files, deep_merge=True)
+    """The file and its drop-ins, which pydantic-settings merges in order."""
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         path = Path(file_path)
         try:
-            data = _parse(Settings, super()._read_file(path), None, path.parent)
+            data = _parse(super()._read_file(path), path)
         except (tomllib.TOMLDecodeError, OSError) as exc:
             what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
             raise ConfigError(f"{path}: {what}: {exc}") from None
-        self._request.layers.insert(1, (data, functools.partial(_file_origin, path)))
+        _REQUEST.get().layers.insert(1, (data, path))
         return data
 
     def __call__(self) -> dict[str, Any]:
@@ -611,19 +570,15 @@ class _Files(TomlConfigSettingsSource):
 
 
 class _Environment(EnvSettingsSource):
-    """The ``CALCNODE_*`` variables of the given environment; each must name a setting."""
-
-    def __init__(self, settings_cls: type[BaseSettings], request: _Request) -> None:
-        self._request = request
-        super().__init__(settings_cls)
+    """The ``CALCNODE_*`` variables given to :func:`load_settings`; each must name a setting."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {name.lower(): value for name, value in self._request.environ.items()}
+        return {name.lower(): value for name, value in _REQUEST.get().environ.items()}
 
     def __call__(self) -> dict[str, Any]:
-        defaults = Settings.model_construct().model_dump()
+        request, defaults = _REQUEST.get(), Settings.model_construct().model_dump()
         valid = [ENV_CONFIG, *(_env_name(key) for key, _ in _flatten(defaults))]
-        for name in sorted(set(self._request.environ) - set(valid)):
+        for name in sorted(set(request.environ) - set(valid)):
             parts = name[len(ENV_PREFIX) :].lower().split("__")
             what = f"no such setting {'.'.join(parts)}"
             if parts[0] not in Settings.model_fields:
@@ -634,8 +589,7 @@ class _Environment(EnvSettingsSource):
                 f"unknown environment variable {name}: {what}{_hint(name, valid)}. Settings "
                 f"are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
             )
-        data = _parse(Settings, super().__call__(), _env_origin, None)
-        self._request.layers.insert(1, (data, _env_origin))
+        request.layers.insert(1, (data := _parse(super().__call__(), "env"), "env"))
         return data
 
 
@@ -665,18 +619,18 @@ def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted and nested overrides as one nested table; ``None`` is an option not given."""
     nested: dict[str, Any] = {}
     for key, value in _flatten({k: v for k, v in overrides.items() if v is not None}):
-        *parents, last = (part for dotted in key for part in dotted.split("."))
+        *parents, last = dotted = ".".join(map(str, key)).split(".")
         table = nested
         for part in parents:
             table = table.setdefault(part, {}) if isinstance(table, dict) else table
         if not isinstance(table, dict) or isinstance(table.get(last), dict):
-            raise ConfigError(f"command-line override {'.'.join(key)}: conflicts with another")
+            raise ConfigError(f"command-line override {'.'.join(dotted)}: conflicts with another")
         if value is not None:
             table[last] = value
     return nested
 
 
-_REQUEST: ContextVar[_Request | None] = ContextVar("calcnode_settings_request", default=None)
+_REQUEST: ContextVar[_Request] = ContextVar("calcnode_settings_request")
 
 
 def load_settings(
@@ -719,23 +673,21 @@ def load_settings(
             raise ConfigError(f"configuration file {path} {reason}")
         files = [path, *(p for p in sorted((path.parent / "conf.d").glob("*.toml")) if p.is_file())]
     variables = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != ENV_CONFIG}
-    request = _Request(
-        files, variables, _parse(Settings, _nest(overrides or {}), _override_origin, None)
-    )
-    token = _REQUEST.set(request)
+    cli = _parse(_nest(overrides or {}), "cli")
+    token = _REQUEST.set(request := _Request(files, variables, [(cli, "cli")]))
     try:
-        settings = Settings(**request.overrides)
+        settings = Settings(**cli)
     except ValidationError as exc:
         raise ConfigError(_explain(exc.errors()[0], request)) from None
     finally:
         _REQUEST.reset(token)
     tls = settings.node.tls  # the files the node will open: fail now, not on first use
-    names = ("cert_file", "key_file", "ca_file") if tls.enabled else ()
-    needed: dict[Key, Path | None] = {("model", "path"): settings.model.path}
-    needed |= {("node", "tls", n): getattr(tls, n) for n in names}
+    needed: dict[Loc, Path | None] = {("model", "path"): settings.model.path}
+    for name in ("cert_file", "key_file", "ca_file") if tls.enabled else ():
+        needed["node", "tls", name] = getattr(tls, name)
     for key, file in needed.items():
         if file is not None and not file.is_file():
-            raise ConfigError(f"{'.'.join(key)}: no such file {file} ({request.origin(key)})")
+            raise ConfigError(f"{_dotted(key)}: no such file {file} ({request.origin(key)})")
     return settings
 
 
