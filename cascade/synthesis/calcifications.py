@@ -201,7 +201,7 @@ def _fit_segments(
 def _branching_fn(
     rng: np.random.Generator, diameter: float
 ) -> Callable[[NDArray, NDArray], NDArray]:
-    """A branching (Y / forked) cast: a trunk and 1–3 branches, tapering, Feret ≤ diameter."""
+    """A branching cast: a trunk forking in a Y, maybe one more branch; Feret ≤ diameter."""
     width = min(float(rng.uniform(0.07, 0.18)), 0.4 * diameter)
     rw = max(width / 2.0, 0.03)
     ang = float(rng.uniform(0, 2 * np.pi))
@@ -209,9 +209,12 @@ def _branching_fn(
     segs = [(0.0, 0.0, trunk * math.cos(ang), trunk * math.sin(ang))]
     radii = [rw]
     tips = [(segs[0][2], segs[0][3], ang)]
-    for _ in range(int(rng.integers(1, 4))):
-        bx, by, bang0 = tips[int(rng.integers(len(tips)))]
-        bang = bang0 + float(rng.choice([-1, 1])) * float(rng.uniform(0.35, 1.0))
+    # A Y fork at the trunk's tip (two branches either side), then 0–1 more branches.
+    side = float(rng.choice([-1, 1]))
+    for i in range(2 + int(rng.integers(0, 2))):
+        bx, by, bang0 = tips[0] if i < 2 else tips[int(rng.integers(1, len(tips)))]
+        sgn = side * (1 if i == 0 else -1) if i < 2 else float(rng.choice([-1, 1]))
+        bang = bang0 + sgn * float(rng.uniform(0.35, 0.9))
         blen = float(rng.uniform(0.25, 0.5)) * diameter
         ex, ey = bx + blen * math.cos(bang), by + blen * math.sin(bang)
         segs.append((bx, by, ex, ey))
