@@ -1,11 +1,10 @@
 """The node's typed configuration: defaults, TOML files, environment, command line.
 
 Frozen pydantic models are the one source of truth (``config/calcnode.toml`` lists every
-key with the same defaults). :func:`load_settings` has pydantic-settings merge, lowest
-first: the defaults; the file and its drop-ins ``conf.d/*.toml``; the environment
-(``CALCNODE_<SECTION>__<KEY>``, ``CALCNODE_DESTINATIONS`` as JSON); the command-line
-overrides. Our own code says which file or variable set a bad value, and "did you mean".
-See docs/configuration.md: every key, the layers, the error messages.
+key with the same defaults). :func:`load_settings` has pydantic-settings layer, lowest first,
+the defaults; the file and its ``conf.d/*.toml`` (relative paths from the file's folder); the
+``CALCNODE_<SECTION>__<KEY>`` variables (``CALCNODE_DESTINATIONS``: JSON); the overrides (text
+parsed by type). Ours: which file or variable set a bad value, and "did you mean".
 """
 
 from __future__ import annotations
@@ -24,28 +23,12 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
+import pydantic
+import pydantic_settings
 import tomli_w
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    NoDecode,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import BaseSettings, NoDecode
 
 from node.errors import ConfigError
 
@@ -77,31 +60,16 @@ _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 10
 Loc = tuple[str | int, ...]
 
 
-# --------------------------------------------------------------------------- value types
 def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
-    """A validator raising ``ValueError(problem)`` (``{v!r}``: the value) unless ``ok``
-    (a ``ValueError`` from ``ok`` is a no)."""
+    """A validator: ``ValueError("<problem>, got <value>")`` unless ``ok`` (if it raises: no)."""
 
     def check(value: Any) -> Any:
         with contextlib.suppress(ValueError):
             if ok(value):
                 return value
-        raise ValueError(problem.format(v=value))
+        raise ValueError(f"{problem}, got {value!r}")
 
     return mode(check)
-
-
-def _ae_title(value: str) -> str:
-    for bad, problem in (
-        (not value.strip(), "must not be empty"),
-        (len(value) > AE_TITLE_MAX_LENGTH, f"has at most {AE_TITLE_MAX_LENGTH} characters"),
-        (any(not 0x20 <= ord(c) <= 0x7E for c in value), "must be printable ASCII"),
-        ("\\" in value, "must not contain a backslash"),
-        (value != value.strip(), "must not start or end with spaces (they are padding)"),
-    ):
-        if bad:
-            raise ValueError(f"an AE title {problem}, got {value!r}")
-    return value
 
 
 def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> tuple[str, ...]:
@@ -117,48 +85,41 @@ def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
-_PORT = "a TCP port between 1 and 65535, got {v}"
-_NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit, got {v!r}"
+_AE, _PORT = "an AE title ", "a TCP port between 1 and 65535"
+AETitle = Annotated[
+    str,
+    _check(str.strip, _AE + "must not be empty"),
+    _check(
+        lambda v: len(v) <= AE_TITLE_MAX_LENGTH,
+        f"{_AE}has at most {AE_TITLE_MAX_LENGTH} characters",
+    ),
+    _check(lambda v: all(0x20 <= ord(c) <= 0x7E for c in v), _AE + "must be printable ASCII"),
+    _check(lambda v: "\\" not in v, _AE + "must not contain a backslash"),
+    _check(lambda v: v == v.strip(), _AE + "must not start or end with spaces (they are padding)"),
+]
 _IS_HOST = lambda v: _HOSTNAME.fullmatch(v[:254]) or ipaddress.ip_address(v)  # noqa: E731
-_GOT = ", got {v!r}"
-_LEVEL = f"must be one of {', '.join(LOG_LEVELS)}{_GOT}"
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name, got {v!r}")]
+Host = Annotated[str, _check(_IS_HOST, "must be an IP address or a host name")]
 Port = Annotated[int, _check(range(1, 65536).__contains__, "must be " + _PORT)]
 _PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) or " + _PORT)]
+_NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit"
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
-_Device = Annotated[
-    str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N, got {v!r}")
-]
-_Point = Annotated[
-    str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all, got {v!r}")
-]
-_Level = Annotated[
-    str, _check(lambda v: v.upper() in LOG_LEVELS, _LEVEL), AfterValidator(str.upper)
-]
+_Device = Annotated[str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N")]
+_Point = Annotated[str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all")]
+_LEVEL = _check(lambda v: v.upper() in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}")
+_Level = Annotated[str, _LEVEL, AfterValidator(str.upper)]
 # Lists: a TOML array, a list or a tuple; text is JSON or comma-separated (see _from_text).
 _AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
-_NETWORK = "entries are IP addresses or networks such as 10.0.0.0/8, got {v!r}"
-_Networks = Annotated[
-    tuple[Annotated[str, _check(ipaddress.ip_network, _NETWORK)], ...],
-    Field(strict=False),
-    NoDecode,
-]
+_NETWORK = _check(ipaddress.ip_network, "entries are IP addresses or networks such as 10.0.0.0/8")
+_Networks = Annotated[tuple[Annotated[str, _NETWORK], ...], Field(strict=False), NoDecode]
 _Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
 # Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
 _NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
 _Path = Annotated[Path, Field(strict=False), _NotEmpty, AfterValidator(Path.expanduser)]
 _NoneIfEmpty = BeforeValidator(lambda v: None if v == "" else v)
-_OptionalPath = Annotated[
-    Path | None, Field(strict=False), _NoneIfEmpty, AfterValidator(lambda p: p and p.expanduser())
-]
-_AtLeast0 = Annotated[int, Field(ge=0)]
-_AtLeast1 = Annotated[int, Field(ge=1)]
-_NotNegative = Annotated[float, Field(ge=0)]
-_Positive = Annotated[float, Field(gt=0)]
+_Expand = AfterValidator(lambda p: p and p.expanduser())
+_OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
 
 
-# --------------------------------------------------------------------------- error messages
 class _FieldTypeError(ValueError, TypeError):
     """A constructor's argument of the wrong type: a ``ValueError`` too (one class for all)."""
 
@@ -204,7 +165,6 @@ def _hint(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-# --------------------------------------------------------------------------- sections
 class _Section(BaseModel):
     """A frozen, strict table of the configuration; a constructor error names the field."""
 
@@ -233,7 +193,7 @@ class TLSSettings(_Section):
     ca_file: _OptionalPath = None
     require_client_cert: bool = False
 
-    @model_validator(mode="after")
+    @pydantic.model_validator(mode="after")
     def _consistent(self) -> TLSSettings:
         for name in ("cert_file", "key_file"):
             if self.enabled and getattr(self, name) is None:
@@ -253,15 +213,15 @@ class NodeSettings(_Section):
     port: Port = 11112
     allowed_calling_aets: _AETitles = ()
     allowed_hosts: _Networks = ()
-    max_associations: _AtLeast1 = 10
-    associations_per_host: _AtLeast1 = 4
+    max_associations: int = Field(default=10, ge=1)
+    associations_per_host: int = Field(default=4, ge=1)
     require_called_aet: bool = True
-    acse_timeout_seconds: _Positive = 30.0
-    dimse_timeout_seconds: _Positive = 60.0
-    network_timeout_seconds: _Positive = 60.0
-    handshake_timeout_seconds: _Positive = 10.0
-    max_instance_mb: _AtLeast1 = 128
-    max_inflated_mb: _AtLeast1 = 128
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_instance_mb: int = Field(default=128, ge=1)
+    max_inflated_mb: int = Field(default=128, ge=1)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     @property
@@ -275,12 +235,12 @@ class StorageSettings(_Section):
 
     root: _Path = Path("/var/lib/calcnode")
     database_url: str = Field(default="", validate_default=True)
-    min_free_mb: _AtLeast0 = 512
-    retention_days: _AtLeast0 = 30
+    min_free_mb: int = Field(default=512, ge=0)
+    retention_days: int = Field(default=30, ge=0)
 
-    @field_validator("database_url")
+    @pydantic.field_validator("database_url")
     @classmethod
-    def _effective_url(cls, url: str, info: ValidationInfo) -> str:
+    def _effective_url(cls, url: str, info: pydantic.ValidationInfo) -> str:
         if url and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
             example, got = "sqlite:////var/lib/calcnode/calcnode.db", _PASSWORD.sub(r"\1***@", url)
             raise ValueError(f"must be an SQLAlchemy URL such as {example}, got {got!r}")
@@ -290,7 +250,7 @@ class StorageSettings(_Section):
 class StudySettings(_Section):
     """``[study]``: a study is complete ``quiet_seconds`` after its last image."""
 
-    quiet_seconds: _NotNegative = 30.0
+    quiet_seconds: float = Field(default=30.0, ge=0)
 
 
 class OutputSettings(_Section):
@@ -315,30 +275,30 @@ class ModelSettings(_Section):
 
     path: _OptionalPath = None
     device: _Device = "auto"
-    torch_threads: _AtLeast0 = 0
+    torch_threads: int = Field(default=0, ge=0)
     operating_point: _Point = "calibrated"
-    max_findings: _AtLeast0 = 0
+    max_findings: int = Field(default=0, ge=0)
 
 
 class WorkerSettings(_Section):
     """``[worker]``: the processes that run the detector on queued images."""
 
-    count: _AtLeast0 = 1
-    lease_seconds: _Positive = 600.0
-    max_attempts: _AtLeast1 = 3
-    retry_backoff_seconds: _NotNegative = 60.0
-    poll_seconds: _Positive = 2.0
+    count: int = Field(default=1, ge=0)
+    lease_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=60.0, ge=0)
+    poll_seconds: float = Field(default=2.0, gt=0)
 
 
 class SendSettings(_Section):
     """``[send]``: C-STORE of results to the destinations, with bounded retries."""
 
-    retry_initial_seconds: _NotNegative = 30.0
+    retry_initial_seconds: float = Field(default=30.0, ge=0)
     retry_max_seconds: float = 3600.0
-    max_attempts: _AtLeast1 = 10
-    timeout_seconds: _Positive = 60.0
+    max_attempts: int = Field(default=10, ge=1)
+    timeout_seconds: float = Field(default=60.0, gt=0)
 
-    @model_validator(mode="after")
+    @pydantic.model_validator(mode="after")
     def _ordered(self) -> SendSettings:
         if self.retry_max_seconds < self.retry_initial_seconds:
             at_least = f"must be at least retry_initial_seconds ({self.retry_initial_seconds:g})"
@@ -349,10 +309,10 @@ class SendSettings(_Section):
 class SchedulerSettings(_Section):
     """``[scheduler]``: intervals of the periodic tasks of ``calcnode serve``."""
 
-    study_check_seconds: _Positive = 5.0
-    send_check_seconds: _Positive = 10.0
-    lease_check_seconds: _Positive = 60.0
-    retention_check_seconds: _Positive = 3600.0
+    study_check_seconds: float = Field(default=5.0, gt=0)
+    send_check_seconds: float = Field(default=10.0, gt=0)
+    lease_check_seconds: float = Field(default=60.0, gt=0)
+    retention_check_seconds: float = Field(default=3600.0, gt=0)
 
 
 class LoggingSettings(_Section):
@@ -368,16 +328,14 @@ class MonitoringSettings(_Section):
     http_port: _PortOrOff = 0
 
 
-# --------------------------------------------------------------------------- Settings
 class Settings(BaseSettings):
     """The whole, validated configuration of a node (immutable).
 
     ``Settings()`` is the default configuration; the constructor takes section objects
-    (``Settings(node=NodeSettings(port=104))``), :func:`load_settings` gives it tables.
-    :attr:`sources` takes no part in equality.
+    (``Settings(node=NodeSettings(port=104))``); :attr:`sources` takes no part in equality.
     """
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    model_config = pydantic_settings.SettingsConfigDict(frozen=True, extra="forbid")
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -390,7 +348,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    _sources: tuple[str, ...] = PrivateAttr(default=())
+    _sources: tuple[str, ...] = pydantic.PrivateAttr(default=())
 
     @classmethod
     def settings_customise_sources(cls, *args: Any, **given: Any) -> tuple[Any, ...]:
@@ -401,33 +359,28 @@ class Settings(BaseSettings):
         env = _Environment(cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
         return given["init_settings"], env, files
 
-    @field_validator("*", mode="before")
+    @pydantic.field_validator("*", mode="before")
     @classmethod
-    def _objects(cls, value: Any, info: ValidationInfo) -> Any:
-        section = _model_of(cls.model_fields[str(info.field_name)])
-        if _REQUEST.get(None) is None and section is not None and not isinstance(value, section):
+    def _objects(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        hint = cls.model_fields[str(info.field_name)].annotation
+        if isinstance(hint, type) and not isinstance(value, hint) and not _REQUEST.get(None):
             got = type(value).__name__
-            raise TypeError(f"{info.field_name}: must be a {section.__name__}, got {got}")
+            raise TypeError(f"{info.field_name}: must be a {hint.__name__}, got {got}")
         return value
 
-    @model_validator(mode="after")
+    @pydantic.model_validator(mode="after")
     def _destinations_agree(self) -> Settings:
-        names = [d.name for d in self.destinations]
         for index, dest in enumerate(self.destinations):
-            if dest.name in names[:index]:
-                problem = f"duplicate destination name {dest.name!r}"
-                raise _invalid(("destinations", index, "name"), problem)
+            if dest.name in [d.name for d in self.destinations[:index]]:
+                raise _invalid(
+                    ("destinations", index, "name"), f"duplicate destination name {dest.name!r}"
+                )
             try:
                 _kinds(dest.kinds, self.outputs.kinds)
             except ValueError as exc:
                 problem = f"{exc} (outputs.kinds enables only these)"
                 raise _invalid(("destinations", index, "kinds"), problem) from None
         return self
-
-    def model_post_init(self, context: Any, /) -> None:
-        if (request := _REQUEST.get(None)) is not None:
-            flags = (f"--{_dotted(key)}" for key, _ in _flatten(request.layers[0][0]))
-            self._sources = (*map(str, request.files), *sorted(request.environ), *flags)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.__dict__ == other.__dict__
@@ -452,19 +405,16 @@ class Settings(BaseSettings):
         return data
 
 
-# --------------------------------------------------------------------------- loading
-def _model_of(field: Any, *, items: bool = False) -> type[BaseModel] | None:
-    """The model of a table field (``node``), or with ``items`` of a list of tables."""
+def _model_of(field: Any) -> type[BaseModel] | None:
+    """The model of a table field (``node``) or of a list of tables (``destinations``)."""
     hint = field.annotation
-    if items:
-        hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else None
+    hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else hint
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
 def _parse(table: Any, layer: Path | str) -> Any:
-    """A layer's ``table``, relative paths made absolute (against the folder of a file,
-    else the current one); from ``"env"`` or ``"cli"``, strings parsed by type: scalars
-    leniently (``"yes"``: true), lists as a JSON array or comma-separated."""
+    """A layer's ``table``: relative paths made absolute (from a file's folder, else the
+    current one); from ``"env"`` or ``"cli"``, strings parsed by the setting's type."""
 
     def walk(cls: type[BaseModel], table: Any, loc: Loc) -> Any:
         if not isinstance(table, Mapping):
@@ -473,17 +423,17 @@ def _parse(table: Any, layer: Path | str) -> Any:
         for key, value in table.items():
             if (field := cls.model_fields.get(key)) is None:
                 continue  # unknown: pydantic says so
-            hint, item, here = field.annotation, _model_of(field, items=True), (*loc, key)
-            if section := _model_of(field):
-                value = walk(section, value, here)
-            elif hint in (Path, Path | None):
+            hint, model, here = field.annotation, _model_of(field), (*loc, key)
+            if hint in (Path, Path | None):
                 if isinstance(value, str | os.PathLike) and str(value):
                     base = layer.parent if isinstance(layer, Path) else Path.cwd()
                     value = str(base / Path(value).expanduser())  # base ignored if absolute
             elif isinstance(value, str) and isinstance(layer, str) and hint is not str:
-                value = _from_text(hint, value.strip(), _origin(layer, here), item is not None)
-            if item is not None and isinstance(value, list | tuple):
-                value = [walk(item, v, (*here, i)) for i, v in enumerate(value)]
+                value = _from_text(hint, value.strip(), _origin(layer, here), model is not None)
+            if model is not None and isinstance(value, list | tuple):
+                value = [walk(model, v, (*here, i)) for i, v in enumerate(value)]
+            elif model is not None:
+                value = walk(model, value, here)
             out[key] = value
         return out
 
@@ -491,18 +441,20 @@ def _parse(table: Any, layer: Path | str) -> Any:
 
 
 def _from_text(hint: Any, text: str, origin: str, tables: bool) -> Any:
-    """Text as a ``hint`` (if it is no valid one, as is, for validation to explain)."""
+    """Text as a ``hint``: a scalar leniently (``"yes"``: true; if invalid, as is, for validation
+    to explain), a list as a JSON array or comma-separated, ``tables`` as JSON objects."""
     if get_origin(hint) is not tuple:
         with contextlib.suppress(ValidationError):
-            return TypeAdapter(hint).validate_python(text, strict=False)
+            return pydantic.TypeAdapter(hint).validate_python(text, strict=False)
         return text
     if not tables and not text.startswith("["):
         return [part.strip() for part in text.split(",") if part.strip()]
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
-        problem = f"not a valid JSON array{' of objects' * tables}: {exc}"
-        raise ConfigError(f"{origin}: {problem}") from None
+        raise ConfigError(
+            f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
+        ) from None
     if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
         raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
     return parsed
@@ -518,9 +470,7 @@ def _flatten(table: Mapping[str, Any], prefix: Loc = ()) -> Iterator[tuple[Loc, 
 
 
 def _env_name(loc: Loc) -> str:
-    if loc[:1] == ("destinations",):
-        return ENV_DESTINATIONS
-    return ENV_PREFIX + "__".join(map(str, loc)).upper()
+    return ENV_PREFIX + "__".join(map(str, loc)).upper()  # CALCNODE_DESTINATIONS: a JSON array
 
 
 def _origin(layer: Path | str, loc: Loc) -> str:
@@ -552,7 +502,7 @@ class _Request:
         return "the built-in default"
 
 
-class _Files(TomlConfigSettingsSource):
+class _Files(pydantic_settings.TomlConfigSettingsSource):
     """The file and its drop-ins, which pydantic-settings merges in order."""
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
@@ -569,7 +519,7 @@ class _Files(TomlConfigSettingsSource):
         return self.toml_data  # as read: InitSettingsSource would match names case-insensitively
 
 
-class _Environment(EnvSettingsSource):
+class _Environment(pydantic_settings.EnvSettingsSource):
     """The ``CALCNODE_*`` variables given to :func:`load_settings`; each must name a setting."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
@@ -585,9 +535,9 @@ class _Environment(EnvSettingsSource):
                 what = f"there is no section [{parts[0]}]"
             elif any(n.startswith(f"{name}__") for n in valid):
                 what = f"[{'.'.join(parts)}] is a table; name one of its keys"
+            usage = f"Settings are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
             raise ConfigError(
-                f"unknown environment variable {name}: {what}{_hint(name, valid)}. Settings "
-                f"are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
+                f"unknown environment variable {name}: {what}{_hint(name, valid)}. {usage}"
             )
         request.layers.insert(1, (data := _parse(super().__call__(), "env"), "env"))
         return data
@@ -603,7 +553,7 @@ def _explain(error: Mapping[str, Any], request: _Request) -> str:
             return f"unknown section [{name}] ({origin}){_hint(str(name), Settings.model_fields)}"
         cls: type[BaseModel] = Settings
         for part in (p for p in table if isinstance(p, str)):
-            cls = _model_of(field := cls.model_fields[part]) or _model_of(field, items=True) or cls
+            cls = _model_of(cls.model_fields[part]) or cls
         where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
         hint, known = _hint(str(name), cls.model_fields), ", ".join(cls.model_fields)
         return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
@@ -639,18 +589,16 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Load, merge and validate the configuration (the layers: see the module docstring).
+    """Load, merge and validate the configuration (the layers: the module docstring).
 
     Parameters
     ----------
     config_file : str or path-like, optional
-        The TOML file; default ``$CALCNODE_CONFIG``, else none. Its drop-ins
-        ``conf.d/*.toml`` follow it; a relative path in a file is relative to its folder.
+        The TOML file (then its ``conf.d/*.toml``); default ``$CALCNODE_CONFIG``, else none.
     environ : mapping, optional
         Where ``CALCNODE_*`` variables are read; default ``os.environ``, ``{}`` for none.
     overrides : mapping, optional
-        Command-line values by dotted key (``{"node.port": "104"}``) or nested table;
-        strings are parsed like environment values; ``None`` is an option not given.
+        Values by dotted key (``{"node.port": "104"}``) or nested table; ``None``: not given.
 
     Returns
     -------
@@ -660,8 +608,7 @@ def load_settings(
     Raises
     ------
     ConfigError
-        A missing file, invalid TOML, an unknown name, a wrong type or value; the
-        message names the key and where its value came from.
+        Naming the key and where its value came from (file and section, variable, option).
     """
     env = os.environ if environ is None else environ
     config_file = (env.get(ENV_CONFIG) or None) if config_file is None else config_file
@@ -681,6 +628,8 @@ def load_settings(
         raise ConfigError(_explain(exc.errors()[0], request)) from None
     finally:
         _REQUEST.reset(token)
+    flags = (f"--{_dotted(key)}" for key, _ in _flatten(cli))
+    settings._sources = (*map(str, files), *sorted(variables), *flags)
     tls = settings.node.tls  # the files the node will open: fail now, not on first use
     needed: dict[Loc, Path | None] = {("model", "path"): settings.model.path}
     for name in ("cert_file", "key_file", "ca_file") if tls.enabled else ():
@@ -699,13 +648,9 @@ def log_effective_settings(settings: Settings, *, log: logging.Logger | None = N
         log.info("configuration [%s] %s", section, json.dumps(values, sort_keys=True))
 
 
-# --------------------------------------------------------------------------- TOML output
 def dump_toml(settings: Settings) -> str:
-    """The configuration as TOML that :func:`load_settings` reads back to equal settings.
-
-    ``None`` paths are written as ``""``, and so is a ``database_url`` that is the one
-    derived from ``storage.root`` (so that editing ``root`` moves the database too).
-    """
+    """TOML that :func:`load_settings` reads back to equal settings (``None`` paths as ``""``,
+    and a ``database_url`` derived from ``storage.root``, so that editing ``root`` moves it)."""
     empty = lambda table: {k: "" if v is None else v for k, v in table.items()}  # noqa: E731
     data = json.loads(json.dumps(settings.as_dict()), object_hook=empty)
     if settings.storage.database_url == StorageSettings(root=settings.storage.root).database_url:
@@ -714,11 +659,8 @@ def dump_toml(settings: Settings) -> str:
 
 
 def default_config_text() -> str:
-    """The default configuration file, for ``/etc/calcnode/calcnode.toml``.
-
-    ``config/calcnode.toml`` (:data:`DEFAULT_CONFIG_PATH`) with its comments in a source
-    tree; else the defaults rendered by :func:`dump_toml`. Both load to ``Settings()``.
-    """
+    """The default ``/etc/calcnode/calcnode.toml``: :data:`DEFAULT_CONFIG_PATH` (commented) in
+    a source tree, else :func:`dump_toml` of the defaults; both load to ``Settings()``."""
     if DEFAULT_CONFIG_PATH is not None:
         return DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
     header = "# calcnode configuration: the built-in defaults (docs/configuration.md: every key)."
