@@ -56,6 +56,7 @@ _SOURCE_TREE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "calcn
 DEFAULT_CONFIG_PATH: Path | None = _SOURCE_TREE_CONFIG if _SOURCE_TREE_CONFIG.is_file() else None
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")  # postgresql://user:secret@host/db
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+_USAGE = f"{ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"  # an environment variable
 _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
 Loc = tuple[str | int, ...]
 
@@ -85,14 +86,11 @@ def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
-_AE, _PORT = "an AE title ", "a TCP port between 1 and 65535"
+_AE, _MAX, _PORT = "an AE title ", AE_TITLE_MAX_LENGTH, "a TCP port between 1 and 65535"
 AETitle = Annotated[
     str,
     _check(str.strip, _AE + "must not be empty"),
-    _check(
-        lambda v: len(v) <= AE_TITLE_MAX_LENGTH,
-        f"{_AE}has at most {AE_TITLE_MAX_LENGTH} characters",
-    ),
+    _check(lambda v: len(v) <= _MAX, f"{_AE}has at most {_MAX} characters"),
     _check(lambda v: all(0x20 <= ord(c) <= 0x7E for c in v), _AE + "must be printable ASCII"),
     _check(lambda v: "\\" not in v, _AE + "must not contain a backslash"),
     _check(lambda v: v == v.strip(), _AE + "must not start or end with spaces (they are padding)"),
@@ -114,9 +112,9 @@ _Networks = Annotated[tuple[Annotated[str, _NETWORK], ...], Field(strict=False),
 _Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
 # Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
 _NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
-_Path = Annotated[Path, Field(strict=False), _NotEmpty, AfterValidator(Path.expanduser)]
-_NoneIfEmpty = BeforeValidator(lambda v: None if v == "" else v)
 _Expand = AfterValidator(lambda p: p and p.expanduser())
+_Path = Annotated[Path, Field(strict=False), _NotEmpty, _Expand]
+_NoneIfEmpty = BeforeValidator(lambda v: v or None)
 _OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
 
 
@@ -160,8 +158,8 @@ def _problem(error: Mapping[str, Any]) -> str:
     return str(error["msg"])
 
 
-def _hint(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
+def _hint(word: object, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -372,9 +370,8 @@ class Settings(BaseSettings):
     def _destinations_agree(self) -> Settings:
         for index, dest in enumerate(self.destinations):
             if dest.name in [d.name for d in self.destinations[:index]]:
-                raise _invalid(
-                    ("destinations", index, "name"), f"duplicate destination name {dest.name!r}"
-                )
+                duplicate = f"duplicate destination name {dest.name!r}"
+                raise _invalid(("destinations", index, "name"), duplicate)
             try:
                 _kinds(dest.kinds, self.outputs.kinds)
             except ValueError as exc:
@@ -452,9 +449,8 @@ def _from_text(hint: Any, text: str, origin: str, tables: bool) -> Any:
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{origin}: not a valid JSON array{' of objects' * tables}: {exc}"
-        ) from None
+        what = f"not a valid JSON array{' of objects' * tables}"
+        raise ConfigError(f"{origin}: {what}: {exc}") from None
     if tables and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
         raise ConfigError(f"{origin}: must be a JSON array of objects such as {_EXAMPLE}")
     return parsed
@@ -469,14 +465,10 @@ def _flatten(table: Mapping[str, Any], prefix: Loc = ()) -> Iterator[tuple[Loc, 
             yield (*prefix, key), value
 
 
-def _env_name(loc: Loc) -> str:
-    return ENV_PREFIX + "__".join(map(str, loc)).upper()  # CALCNODE_DESTINATIONS: a JSON array
-
-
 def _origin(layer: Path | str, loc: Loc) -> str:
     """Where the value at ``loc`` of a layer (a file, ``"env"``, ``"cli"``) came from."""
     if layer == "env":
-        return f"environment variable {_env_name(loc)}"
+        return f"environment variable {ENV_PREFIX}{'__'.join(map(str, loc)).upper()}"
     if layer == "cli":
         return f"command-line override {_dotted(loc)}"
     return f"from {layer}" + (f", section [{_dotted(loc[:-1])}]" if loc[1:] else "")
@@ -491,15 +483,33 @@ class _Request:
     layers: list[tuple[Mapping[str, Any], Path | str]]
 
     def origin(self, loc: Loc) -> str:
-        """Where the value at ``loc`` came from: its key, else a key of its table."""
+        """Where the value at ``loc`` came from: its key, else a key of its table (section)."""
         keys = tuple(p for p in loc if isinstance(p, str))
         keys = keys[:1] if keys[:1] == ("destinations",) else keys
         found = [(key, layer) for data, layer in self.layers for key, _ in _flatten(data)]
-        for matches in (lambda k: k[: len(keys)] == keys, lambda k: k[:-1] == keys[:-1]):
-            for key, layer in found:
-                if matches(key):
-                    return _origin(layer, key)
-        return "the built-in default"
+        hits = (_origin(at, k) for p in (keys, keys[:-1]) for k, at in found if k[: len(p)] == p)
+        return next(hits, "the built-in default")
+
+    def explain(self, error: Mapping[str, Any]) -> str:
+        """A pydantic error as the message of a ConfigError: key, problem, origin."""
+        loc, kind = _loc(error), error["type"]
+        origin = self.origin(loc)
+        if kind == "extra_forbidden":
+            *table, name = loc
+            if not table:
+                return f"unknown section [{name}] ({origin}){_hint(name, Settings.model_fields)}"
+            cls: type[BaseModel] = Settings
+            for part in (p for p in table if isinstance(p, str)):
+                cls = _model_of(cls.model_fields[part]) or cls
+            where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
+            hint, known = _hint(name, cls.model_fields), ", ".join(cls.model_fields)
+            return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
+        if kind == "missing":
+            return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
+        if loc[:1] == ("destinations",) and kind == "model_type":
+            got = f"got {error['input']!r} ({origin})"
+            return f"destinations: must be an array of tables ([[destinations]]), {got}"
+        return f"{_dotted(loc)}: {_problem(error)} ({origin})"
 
 
 class _Files(pydantic_settings.TomlConfigSettingsSource):
@@ -527,7 +537,8 @@ class _Environment(pydantic_settings.EnvSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         request, defaults = _REQUEST.get(), Settings.model_construct().model_dump()
-        valid = [ENV_CONFIG, *(_env_name(key) for key, _ in _flatten(defaults))]
+        names = ("__".join(map(str, key)).upper() for key, _ in _flatten(defaults))
+        valid = [ENV_CONFIG, *(ENV_PREFIX + name for name in names)]
         for name in sorted(set(request.environ) - set(valid)):
             parts = name[len(ENV_PREFIX) :].lower().split("__")
             what = f"no such setting {'.'.join(parts)}"
@@ -535,48 +546,25 @@ class _Environment(pydantic_settings.EnvSettingsSource):
                 what = f"there is no section [{parts[0]}]"
             elif any(n.startswith(f"{name}__") for n in valid):
                 what = f"[{'.'.join(parts)}] is a table; name one of its keys"
-            usage = f"Settings are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"
-            raise ConfigError(
-                f"unknown environment variable {name}: {what}{_hint(name, valid)}. {usage}"
-            )
+            what += f"{_hint(name, valid)}. Settings are {_USAGE}"
+            raise ConfigError(f"unknown environment variable {name}: {what}")
         request.layers.insert(1, (data := _parse(super().__call__(), "env"), "env"))
         return data
-
-
-def _explain(error: Mapping[str, Any], request: _Request) -> str:
-    """A pydantic error as the message of a ConfigError: key, problem, origin."""
-    loc, kind = _loc(error), error["type"]
-    origin = request.origin(loc)
-    if kind == "extra_forbidden":
-        *table, name = loc
-        if not table:
-            return f"unknown section [{name}] ({origin}){_hint(str(name), Settings.model_fields)}"
-        cls: type[BaseModel] = Settings
-        for part in (p for p in table if isinstance(p, str)):
-            cls = _model_of(cls.model_fields[part]) or cls
-        where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
-        hint, known = _hint(str(name), cls.model_fields), ", ".join(cls.model_fields)
-        return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
-    if kind == "missing":
-        return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
-    if loc[:1] == ("destinations",) and kind == "model_type":
-        got = f"got {error['input']!r} ({origin})"
-        return f"destinations: must be an array of tables ([[destinations]]), {got}"
-    return f"{_dotted(loc)}: {_problem(error)} ({origin})"
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted and nested overrides as one nested table; ``None`` is an option not given."""
     nested: dict[str, Any] = {}
-    for key, value in _flatten({k: v for k, v in overrides.items() if v is not None}):
+    for key, value in _flatten(overrides):
+        if value is None:
+            continue
         *parents, last = dotted = ".".join(map(str, key)).split(".")
         table = nested
         for part in parents:
             table = table.setdefault(part, {}) if isinstance(table, dict) else table
         if not isinstance(table, dict) or isinstance(table.get(last), dict):
             raise ConfigError(f"command-line override {'.'.join(dotted)}: conflicts with another")
-        if value is not None:
-            table[last] = value
+        table[last] = value
     return nested
 
 
@@ -625,7 +613,7 @@ def load_settings(
     try:
         settings = Settings(**cli)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc.errors()[0], request)) from None
+        raise ConfigError(request.explain(exc.errors()[0])) from None
     finally:
         _REQUEST.reset(token)
     flags = (f"--{_dotted(key)}" for key, _ in _flatten(cli))
