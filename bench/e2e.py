@@ -25,27 +25,21 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _orthanc import OrthancProcess, free_port  # noqa: E402
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 TID1500 = "1.2.840.10008.5.1.4.1.1.88.33"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PynetdicomPacs:
@@ -85,69 +79,27 @@ class PynetdicomPacs:
             self._server.shutdown()
 
 
-class OrthancPacs:
+class OrthancPacs(OrthancProcess):
     """Orthanc on free loopback ports; arrival = first poll that sees the object."""
 
-    ae_title = "ORTHANC"
-
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="bench-orthanc-"))
-        self.port = free_port()
-        self.http = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(Path(tempfile.mkdtemp(prefix="bench-orthanc-")), name="bench")
         self.seen: dict[tuple[str, str], float] = {}
 
-    def start(self) -> None:
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(self.folder / "db"),
-            "IndexDirectory": str(self.folder / "db"),
-            "DicomAet": self.ae_title,
-            "DicomPort": self.port,
-            "HttpPort": self.http,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": False,
-        }
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        log = (self.folder / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["/usr/sbin/Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log
-        )
-        for _ in range(300):
-            try:
-                self._get("/system")
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("Orthanc did not start")
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
     def poll(self, study: str) -> None:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}/tools/lookup", data=study.encode(), method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            found = [f["ID"] for f in json.loads(r.read()) if f["Type"] == "Study"]
+        found = [
+            f["ID"] for f in self.post("/tools/lookup", study.encode()) if f["Type"] == "Study"
+        ]
         if not found:
             return
-        for inst in self._get(f"/studies/{found[0]}/instances?expand"):
-            tags = self._get(f"/instances/{inst['ID']}/simplified-tags")
+        for inst in self.get(f"/studies/{found[0]}/instances?expand"):
+            tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
             key = (str(tags.get("SOPClassUID")), study)
             self.seen.setdefault(key, time.monotonic())
 
     def first(self, sop_class: str, study: str) -> float | None:
         self.poll(study)
         return self.seen.get((sop_class, study))
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(20)
 
 
 def four_view_study(folder: Path, *, seed: int, size: str) -> list[Path]:

@@ -57,15 +57,12 @@ import logging
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -75,10 +72,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import RESULTS, machine_info, markdown_table, now_iso, write_json  # noqa: E402
+from _orthanc import OrthancProcess, free_port  # noqa: E402
 
 logger = logging.getLogger("bench.soak")
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 NODE_AE = "CALCNODE"
 KINDS = {
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",
@@ -88,12 +85,6 @@ KINDS = {
 }
 #: Kinds made once per image (the others once per study and report version).
 PER_IMAGE = ("seg", "gsps", "tid1500-sr")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -130,76 +121,29 @@ def cmdline(pid: int) -> str:
 
 
 # --------------------------------------------------------------------------- Orthanc
-class Orthanc:
+class Orthanc(OrthancProcess):
     """Orthanc with persistent storage (survives restarts) and a receipt log."""
 
-    ae_title = "ORTHANC"
-
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port, self.http = free_port(), free_port()
         self.receipts = folder / "received.txt"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        lua = folder / "count.lua"
+        super().__init__(
+            folder,
+            name="soak",
+            config={"OverwriteInstances": True, "LuaScripts": [str(lua)], "Plugins": []},
+        )
+        self.lua = lua
 
     def start(self) -> None:
-        if self.running:
-            return
         self.folder.mkdir(parents=True, exist_ok=True)
-        lua = self.folder / "count.lua"
-        lua.write_text(
+        self.lua.write_text(
             "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
             f"  local f = io.open('{self.receipts}', 'a')\n"
             "  f:write(tags['SOPInstanceUID'] .. '\\n')\n"
             "  f:close()\n"
             "end\n"
         )
-        config = {
-            "Name": "soak",
-            "StorageDirectory": str(self.folder / "db"),
-            "IndexDirectory": str(self.folder / "db"),
-            "DicomAet": self.ae_title,
-            "DicomPort": self.port,
-            "HttpPort": self.http,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": False,
-            "OverwriteInstances": True,
-            "LuaScripts": [str(lua)],
-            "Plugins": [],
-        }
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        log = (self.folder / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(ORTHANC), str(self.folder / "orthanc.json")], stdout=log, stderr=log
-        )
-        for _ in range(600):
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc exited at start") from None
-                time.sleep(0.1)
-        raise RuntimeError("Orthanc did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=30) as r:
-            return json.loads(r.read())
+        super().start()
 
     def inventory(self) -> list[dict[str, Any]]:
         """Every instance: SOP Class / Instance UID, study, the images it references."""
