@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, get_origin
 
 import pydantic
 import pydantic_settings
@@ -46,8 +46,6 @@ OUTPUT_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr", "seg", "gsps")
 #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 AE_TITLE_MAX_LENGTH = 16
-LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-OPERATING_POINTS = ("calibrated", "all")  #: values of ``model.operating_point``
 ENV_PREFIX = "CALCNODE_"
 ENV_CONFIG = "CALCNODE_CONFIG"  #: names the file when ``load_settings`` gets none
 ENV_DESTINATIONS = "CALCNODE_DESTINATIONS"  #: ``[{"name": …, "ae_title": …}, …]``
@@ -81,8 +79,7 @@ def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> t
     return kinds
 
 
-def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:
-    """A cross-field error about ``field`` (pydantic would name only the model)."""
+def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:  # names the field
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
@@ -102,8 +99,9 @@ _PortOrOff = Annotated[int, _check(range(65536).__contains__, "must be 0 (off) o
 _NAME = "must be 1–64 letters, digits, '_', '.', '-', starting with a letter or digit"
 _Name = Annotated[str, _check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}").fullmatch, _NAME)]
 _Device = Annotated[str, _check(DEVICE_PATTERN.fullmatch, "must be auto, cpu, cuda or cuda:N")]
-_Point = Annotated[str, _check(OPERATING_POINTS.__contains__, "must be calibrated or all")]
-_LEVEL = _check(lambda v: v.upper() in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}")
+_Point = Annotated[str, _check(("calibrated", "all").__contains__, "must be calibrated or all")]
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LEVEL = _check(lambda v: v.upper() in _LEVELS, f"must be one of {', '.join(_LEVELS)}")
 _Level = Annotated[str, _LEVEL, AfterValidator(str.upper)]
 # Lists: a TOML array, a list or a tuple; text is JSON or comma-separated (see _from_text).
 _AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
@@ -127,7 +125,6 @@ _TYPES |= {"tuple": "a list of strings", "path": "a path string", "model": "a ta
 
 
 def _loc(error: Mapping[str, Any]) -> Loc:
-    """Where pydantic found the error, plus the field a cross-field check names."""
     field = error.get("ctx", {}).get("field", ())
     return (*error["loc"], *(field if isinstance(field, tuple) else (field,)))
 
@@ -139,7 +136,6 @@ def _dotted(loc: Iterable[str | int]) -> str:
 
 
 def _problem(error: Mapping[str, Any]) -> str:
-    """Pydantic's error in the words of this configuration."""
     kind, got, ctx = error["type"], error.get("input"), error.get("ctx", {})
     base = kind.removesuffix("_type").removesuffix("_parsing")
     if kind in ("value_error", "invalid"):  # our own checks: the message is the problem
@@ -350,7 +346,6 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, *args: Any, **given: Any) -> tuple[Any, ...]:
-        """The layers of :func:`load_settings`, highest first (``Settings()``: its arguments)."""
         if (request := _REQUEST.get(None)) is None:
             return (given["init_settings"],)
         files = _Files(cls, toml_file=request.files, deep_merge=True)
@@ -404,42 +399,36 @@ class Settings(BaseSettings):
 
 def _model_of(field: Any) -> type[BaseModel] | None:
     """The model of a table field (``node``) or of a list of tables (``destinations``)."""
-    hint = field.annotation
-    hint = (get_args(hint) or (None,))[0] if get_origin(hint) is tuple else hint
+    hint = getattr(field.annotation, "__args__", (field.annotation,))[0]
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-def _parse(table: Any, layer: Path | str) -> Any:
+def _parse(table: Any, layer: Path | str, cls: Any = None, loc: Loc = ()) -> Any:
     """A layer's ``table``: relative paths made absolute (from a file's folder, else the
     current one); from ``"env"`` or ``"cli"``, strings parsed by the setting's type."""
-
-    def walk(cls: type[BaseModel], table: Any, loc: Loc) -> Any:
-        if not isinstance(table, Mapping):
-            return table  # not a table where one belongs: pydantic says so
-        out = dict(table)
-        for key, value in table.items():
-            if (field := cls.model_fields.get(key)) is None:
-                continue  # unknown: pydantic says so
-            hint, model, here = field.annotation, _model_of(field), (*loc, key)
-            if hint in (Path, Path | None):
-                if isinstance(value, str | os.PathLike) and str(value):
-                    base = layer.parent if isinstance(layer, Path) else Path.cwd()
-                    value = str(base / Path(value).expanduser())  # base ignored if absolute
-            elif isinstance(value, str) and isinstance(layer, str) and hint is not str:
-                value = _from_text(hint, value.strip(), _origin(layer, here), model is not None)
-            if model is not None and isinstance(value, list | tuple):
-                value = [walk(model, v, (*here, i)) for i, v in enumerate(value)]
-            elif model is not None:
-                value = walk(model, value, here)
-            out[key] = value
-        return out
-
-    return walk(Settings, table, ())
+    if not isinstance(table, Mapping):
+        return table  # not a table where one belongs: pydantic says so
+    out = dict(table)
+    for key, value in table.items():
+        if (field := (cls or Settings).model_fields.get(key)) is None:
+            continue  # unknown: pydantic says so
+        hint, model, here = field.annotation, _model_of(field), (*loc, key)
+        if hint in (Path, Path | None):
+            if isinstance(value, str | os.PathLike) and str(value):
+                base = layer.parent if isinstance(layer, Path) else Path.cwd()
+                value = str(base / Path(value).expanduser())  # base ignored if absolute
+        elif isinstance(value, str) and isinstance(layer, str) and hint is not str:
+            value = _from_text(hint, value.strip(), _origin(layer, here), model is not None)
+        if model is not None and isinstance(value, list | tuple):
+            value = [_parse(v, layer, model, (*here, i)) for i, v in enumerate(value)]
+        elif model is not None:
+            value = _parse(value, layer, model, here)
+        out[key] = value
+    return out
 
 
 def _from_text(hint: Any, text: str, origin: str, tables: bool) -> Any:
-    """Text as a ``hint``: a scalar leniently (``"yes"``: true; if invalid, as is, for validation
-    to explain), a list as a JSON array or comma-separated, ``tables`` as JSON objects."""
+    """A scalar leniently (invalid: as is, for validation to explain); a list as JSON or CSV."""
     if get_origin(hint) is not tuple:
         with contextlib.suppress(ValidationError):
             return pydantic.TypeAdapter(hint).validate_python(text, strict=False)
@@ -457,7 +446,6 @@ def _from_text(hint: Any, text: str, origin: str, tables: bool) -> Any:
 
 
 def _flatten(table: Mapping[str, Any], prefix: Loc = ()) -> Iterator[tuple[Loc, Any]]:
-    """``(key, value)`` of every setting in a nested table (key: ``("node", "port")``)."""
     for key, value in table.items():
         if isinstance(value, Mapping) and value:
             yield from _flatten(value, (*prefix, key))
@@ -491,7 +479,6 @@ class _Request:
         return next(hits, "the built-in default")
 
     def explain(self, error: Mapping[str, Any]) -> str:
-        """A pydantic error as the message of a ConfigError: key, problem, origin."""
         loc, kind = _loc(error), error["type"]
         origin = self.origin(loc)
         if kind == "extra_forbidden":
