@@ -41,10 +41,8 @@ __all__ += ["load_settings", "log_effective_settings"]
 
 logger = logging.getLogger(__name__)
 
-#: The four result objects the node can emit (see docs/dicom-outputs.md).
-OUTPUT_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr", "seg", "gsps")
-#: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+OUTPUT_KINDS: tuple[str, ...] = ("cad-sr", "tid1500-sr", "seg", "gsps")  #: docs/dicom-outputs.md
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  #: ``auto``: CUDA if available, else CPU
 AE_TITLE_MAX_LENGTH = 16
 ENV_PREFIX = "CALCNODE_"
 ENV_CONFIG = "CALCNODE_CONFIG"  #: names the file when ``load_settings`` gets none
@@ -103,16 +101,14 @@ _Point = Annotated[str, _check(("calibrated", "all").__contains__, "must be cali
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LEVEL = _check(lambda v: v.upper() in _LEVELS, f"must be one of {', '.join(_LEVELS)}")
 _Level = Annotated[str, _LEVEL, AfterValidator(str.upper)]
-# Lists: a TOML array, a list or a tuple; text is JSON or comma-separated (see _from_text).
 _AETitles = Annotated[tuple[AETitle, ...], Field(strict=False), NoDecode]
 _NETWORK = _check(ipaddress.ip_network, "entries are IP addresses or networks such as 10.0.0.0/8")
 _Networks = Annotated[tuple[Annotated[str, _NETWORK], ...], Field(strict=False), NoDecode]
 _Kinds = Annotated[tuple[str, ...], Field(strict=False), NoDecode, AfterValidator(_kinds)]
-# Paths: text, "~" expanded; "" is None for an optional path, an error otherwise.
 _NotEmpty = _check(lambda v: v != "", "must not be empty", BeforeValidator)
 _Expand = AfterValidator(lambda p: p and p.expanduser())
 _Path = Annotated[Path, Field(strict=False), _NotEmpty, _Expand]
-_NoneIfEmpty = BeforeValidator(lambda v: v or None)
+_NoneIfEmpty = BeforeValidator(lambda v: v or None)  # "" is no path (for _Path: an error)
 _OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
 
 
