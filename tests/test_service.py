@@ -9,10 +9,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from factories import make_mg_dataset
+from pydicom.dataset import Dataset
 
 from node.errors import ConfigError
 from node.service import format_status, retry_job, serve, status
@@ -162,46 +164,6 @@ def test_serve_in_a_thread_stops_on_its_stop_event(tmp_path: Path) -> None:
     assert codes == [0]
 
 
-@pytest.mark.slow
-def test_serve_processes_a_stored_image_and_sends_results(
-    tmp_path: Path, tiny_model: Path, receiver: Receiver, notify_socket: NotifySocket
-) -> None:
-    from pynetdicom import AE
-
-    port = free_port()
-    dest = DestinationSettings(
-        name="rx", ae_title=receiver.ae_title, host="127.0.0.1", port=receiver.port
-    )
-    settings = make_settings(
-        tmp_path / "node", port=port, model_path=tiny_model, destinations=(dest,), quiet_seconds=1
-    )
-    config = write_config(tmp_path / "calcnode.toml", settings)
-    log = tmp_path / "serve.log"
-    proc = start_serve(config, 1, clean_env(NOTIFY_SOCKET=str(notify_socket.path)), log)
-    try:
-        assert notify_socket.wait_for("READY=1", 60), log.read_text()
-        ds = make_mg_dataset(seed=5)
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", port, ae_title="CALCNODE")
-        assert assoc.is_established
-        assert assoc.send_c_store(ds).Status == 0x0000
-        assoc.release()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(receiver.by_modality("SR")) < 2:
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert len(receiver.by_modality("SR")) == 2, log.read_text()[-3000:]
-    assert len(receiver.by_modality("SEG")) == 1
-    assert len(receiver.by_modality("PR")) == 1
-    assert {d.StudyInstanceUID for d in receiver.datasets} == {ds.StudyInstanceUID}
-
-
 #: What the main process of ``calcnode serve`` runs: the SCP, the scheduler and its
 #: reports, the sender, monitoring, the worker pool (its processes import the rest).
 MAIN_PROCESS_MODULES = (
@@ -234,20 +196,38 @@ def test_the_main_process_modules_import_neither_torch_nor_onnxruntime() -> None
     assert result.stdout.strip() == "[]", result.stderr
 
 
-def _loaded_libraries(pid: int) -> str:
-    """The shared objects mapped into process ``pid`` (Linux' /proc/<pid>/maps)."""
-    maps = Path(f"/proc/{pid}/maps")
-    if not maps.exists():
-        pytest.skip("needs /proc/<pid>/maps (Linux)")
-    return maps.read_text()
+@dataclass
+class ServedImage:
+    """One ``calcnode serve`` (one worker, the tiny model) that received one image."""
+
+    ds: Dataset
+    receiver: Receiver
+    ready: bool
+    stored: bool
+    #: ``/proc/<pid>/maps`` of the main process once the SRs were sent (None off Linux).
+    main_libraries: str | None
+    exit_code: int | None
+    log: str
 
 
-@pytest.mark.slow
-def test_serve_main_process_runs_without_torch_while_its_worker_detects(
-    tmp_path: Path, tiny_model: Path, receiver: Receiver, notify_socket: NotifySocket
-) -> None:
+@pytest.fixture(scope="module")
+def served_image(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedImage]:
+    """``calcnode serve`` with one worker and the tiny model, one MG image stored to it,
+    run until the results reached the receiver, then SIGTERM.
+
+    Shared by the tests of what that run did (a serve process with a worker costs a
+    torch import and a model load each time), which read the recorded outcome.
+    """
+    import tempfile
+
     from pynetdicom import AE
 
+    tmp_path = tmp_path_factory.mktemp("served-image")
+    folder = Path(tempfile.mkdtemp(prefix="cn-notify-"))  # Unix socket paths ≲ 107 bytes
+    notify_socket = NotifySocket(folder / "notify")
+    receiver = Receiver().start()
     port = free_port()
     dest = DestinationSettings(
         name="rx", ae_title=receiver.ae_title, host="127.0.0.1", port=receiver.port
@@ -258,30 +238,63 @@ def test_serve_main_process_runs_without_torch_while_its_worker_detects(
     config = write_config(tmp_path / "calcnode.toml", settings)
     log = tmp_path / "serve.log"
     proc = start_serve(config, 1, clean_env(NOTIFY_SOCKET=str(notify_socket.path)), log)
+    ds = make_mg_dataset(seed=5)
+    stored, libraries, code = False, None, None
     try:
         # start-up checked the model files (hashed, never loaded) before listening
-        assert notify_socket.wait_for("READY=1", 60), log.read_text()
-        ds = make_mg_dataset(seed=7)
+        ready = notify_socket.wait_for("READY=1", 60)
+        assert ready, log.read_text()
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", port, ae_title="CALCNODE")
-        assert assoc.is_established
-        assert assoc.send_c_store(ds).Status == 0x0000
-        assoc.release()
+        if assoc.is_established:
+            stored = assoc.send_c_store(ds).Status == 0x0000
+            assoc.release()
         # the SRs are built and sent by the main process's scheduler
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(receiver.by_modality("SR")) < 2:
+        while stored and time.monotonic() < deadline and len(receiver.by_modality("SR")) < 2:
             time.sleep(0.5)
-        assert len(receiver.by_modality("SR")) == 2, log.read_text()[-3000:]
-        libraries = _loaded_libraries(proc.pid)
-        assert "libtorch" not in libraries
-        assert "onnxruntime" not in libraries
+        maps = Path(f"/proc/{proc.pid}/maps")
+        libraries = maps.read_text() if maps.exists() else None
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        code = proc.wait(60)
+        yield ServedImage(ds, receiver, ready, stored, libraries, code, log.read_text())
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        receiver.stop()
+        notify_socket.close()
+        (folder / "notify").unlink(missing_ok=True)
+        folder.rmdir()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("served_image")
+def test_serve_processes_a_stored_image_and_sends_results(served_image: ServedImage) -> None:
+    run, receiver, ds = served_image, served_image.receiver, served_image.ds
+    assert run.ready and run.stored, run.log[-3000:]
+    assert run.exit_code == 0, run.log[-3000:]
+    assert len(receiver.by_modality("SR")) == 2, run.log[-3000:]
+    assert len(receiver.by_modality("SEG")) == 1
+    assert len(receiver.by_modality("PR")) == 1
+    assert {d.StudyInstanceUID for d in receiver.datasets} == {ds.StudyInstanceUID}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("served_image")
+def test_serve_main_process_runs_without_torch_while_its_worker_detects(
+    served_image: ServedImage,
+) -> None:
+    run = served_image
+    assert run.ready and run.stored, run.log[-3000:]
+    assert len(run.receiver.by_modality("SR")) == 2, run.log[-3000:]
+    if run.main_libraries is None:
+        pytest.skip("needs /proc/<pid>/maps (Linux)")
+    # read while the node was serving, after its worker had detected
+    assert "libtorch" not in run.main_libraries
+    assert "onnxruntime" not in run.main_libraries
+    assert run.exit_code == 0, run.log[-3000:]
 
 
 def test_status_counts_jobs_and_formats_without_patient_data(tmp_path: Path) -> None:
