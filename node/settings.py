@@ -342,6 +342,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, *args: Any, **given: Any) -> tuple[Any, ...]:
+        """The layers, highest first: arguments, environment, files (``Settings()``: arguments)."""
         if (request := _REQUEST.get(None)) is None:
             return (given["init_settings"],)
         files = _Files(cls, toml_file=request.files, deep_merge=True)
