@@ -28,7 +28,7 @@ import pytest
 from filelock import FileLock
 from pydicom.dataset import Dataset
 
-from cascade.inference.detector import Detection, ImageDetections
+from cascade.inference.detections import Detection, ImageDetections
 from cascade.inference.weights import ModelIdentity
 from node.identity import make_provenance
 from node.settings import (
