@@ -23,6 +23,7 @@ from cascade.data.manifest import ImageRecord, OtherFinding, read_manifest
 from cascade.data.preprocess import GridTransform
 from cascade.errors import CheckpointError, TrainingError
 from cascade.evaluation.operating_point import OperatingPoint
+from cascade.inference.detections import ImageDetections
 from cascade.inference.detector import Detector
 from cascade.models import get_model
 from cascade.models.checkpoint import checkpoint_sha256, load_checkpoint
@@ -219,13 +220,30 @@ def test_train_fpr_rejects_an_fpr_checkpoint_as_its_asn(
 # ----------------------------------------------------------------------------- Detector
 
 
+#: The tests of the tiny detector's module fixture run on one xdist worker (loaded once).
+tiny_detector_test = pytest.mark.xdist_group("tiny_detector")
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(asn_run: Path, fpr_run: Path) -> Detector:
+    """The tiny ASN + FPR as a :class:`Detector` (every candidate, scored), loaded once:
+    loading exports both networks to ONNX Runtime."""
+    return Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def first_detections(small_manifest: Path, tiny_detector: Detector) -> ImageDetections:
+    """What :func:`tiny_detector` finds on the first image of ``small_manifest``."""
+    return tiny_detector.detect(read_manifest(small_manifest)[0].path)
+
+
 @pytest.mark.slow
+@tiny_detector_test
 def test_detector_detects_inside_the_received_image(
-    small_manifest: Path, asn_run: Path, fpr_run: Path
+    small_manifest: Path, tiny_detector: Detector, first_detections: ImageDetections
 ) -> None:
     rec = read_manifest(small_manifest)[0]
-    det = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu")
-    result = det.detect(rec.path)
+    det, result = tiny_detector, first_detections
     assert result.sop_instance_uid == rec.sop_instance_uid
     assert (result.rows, result.columns) == (rec.rows, rec.columns)
     assert result.pixel_spacing_mm == pytest.approx(rec.pixel_spacing_mm)
@@ -257,11 +275,12 @@ def test_detector_without_fpr_gives_asn_proposals_with_fpr_score_one(
 
 
 @pytest.mark.slow
+@tiny_detector_test
 def test_detector_operating_point_keeps_the_top_scores_the_fpr_accepts(
-    small_manifest: Path, asn_run: Path, fpr_run: Path
+    small_manifest: Path, asn_run: Path, fpr_run: Path, first_detections: ImageDetections
 ) -> None:
     rec = read_manifest(small_manifest)[0]
-    every = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu").detect(rec.path)
+    every = first_detections  # the same checkpoints without an operating point
     assert len(every.detections) >= 3, "the tiny cascade should propose a few candidates"
     scores = sorted(d.score for d in every.detections)
     probs = sorted(d.fpr_score for d in every.detections)
@@ -279,8 +298,11 @@ def test_detector_operating_point_keeps_the_top_scores_the_fpr_accepts(
 
 
 @pytest.mark.slow
-def test_detector_model_version_names_both_checkpoints(asn_run: Path, fpr_run: Path) -> None:
-    det = Detector(asn_run / "best.pt", fpr_run / "best.pt", device="cpu")
+@tiny_detector_test
+def test_detector_model_version_names_both_checkpoints(
+    asn_run: Path, fpr_run: Path, tiny_detector: Detector
+) -> None:
+    det = tiny_detector
     asn_sha = checkpoint_sha256(asn_run / "best.pt")
     fpr_sha = checkpoint_sha256(fpr_run / "best.pt")
     assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}", det.model_version)
