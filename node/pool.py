@@ -20,7 +20,7 @@ from node.logs import configure_logging
 from node.model import DetectorFactory
 from node.settings import Settings
 
-__all__ = ["RESTART_DELAY_SECONDS", "WorkerPool"]
+__all__ = ["RESTART_DELAY_SECONDS", "WorkerPool", "worker_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +28,55 @@ logger = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 5.0
 
 
+def worker_device(configured: str, index: int, gpu_count: int) -> str:
+    """The device worker ``index`` uses: ``cuda:(index mod k)`` on a host with k > 1 GPUs.
+
+    Only ``"auto"`` and ``"cuda"`` are spread over the GPUs; an explicit ``"cuda:N"``,
+    ``"cpu"`` or a host with at most one GPU keeps the configured device.
+
+    Parameters
+    ----------
+    configured : str
+        ``model.device`` (or the command line's override).
+    index : int
+        The worker's index in the pool (0-based).
+    gpu_count : int
+        CUDA devices the worker sees.
+    """
+    if index < 0 or gpu_count < 0:
+        raise ValueError(f"index and gpu_count must be ≥ 0, got {index}, {gpu_count}")
+    if configured in ("auto", "cuda") and gpu_count > 1:
+        return f"cuda:{index % gpu_count}"
+    return configured
+
+
+def _pinned_device(configured: str, index: int) -> str:
+    """:func:`worker_device` with the GPUs this (worker) process sees; imports torch."""
+    if configured not in ("auto", "cuda"):
+        return configured
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return worker_device(configured, index, count)
+
+
 def _worker_main(
     settings: Settings,
     device: str | None,
     worker_id: str,
     detector_factory: DetectorFactory | None,
+    index: int = 0,
 ) -> None:
-    """Entry point of a spawned worker process: runs until SIGTERM."""
+    """Entry point of a spawned worker process: runs until SIGTERM.
+
+    On a host with several GPUs worker ``index`` is pinned to GPU ``index mod k``
+    (:func:`worker_device`), counted here, in the worker.
+    """
     # Imported here, in the worker: the main process (SCP, scheduler) never loads torch.
     from node.worker import run_worker
 
     configure_logging(settings)
+    device = _pinned_device(device or settings.model.device, index)
     stop = threading.Event()
     # The parent stops a worker with SIGTERM (it then finishes its current image).
     # Ctrl-C in a terminal reaches the whole process group: the parent decides.
@@ -85,7 +123,7 @@ class WorkerPool:
         worker_id = f"{self._host}:{os.getpid()}:w{index}"
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self._settings, self._device, worker_id, self._factory),
+            args=(self._settings, self._device, worker_id, self._factory, index),
             name=f"calcnode-worker-{index}",
             daemon=False,
         )

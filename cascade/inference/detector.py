@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import torch
 
-from cascade.data.io import read_mammogram
+from cascade.data.io import Mammogram, MammogramMetadata, read_mammogram
 from cascade.data.preprocess import GridTransform, preprocess_mammogram
 from cascade.device import resolve_device
 from cascade.errors import CheckpointError
@@ -33,6 +33,7 @@ from cascade.inference.proposals import (
     propose,
     residual_map,
 )
+from cascade.inference.resident import ResidentCascade, prefetch
 from cascade.inference.runtime import (
     CropScorer,
     MapNet,
@@ -49,10 +50,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DETECTOR_BACKENDS", "STAGES", "Detection", "Detector", "ImageDetections"]
 
-#: What ``Detector(backend=...)`` accepts: the runtimes of :mod:`cascade.inference.runtime`
-#: and ``"reference"``, the previous implementation kept for parity
-#: (:mod:`cascade.inference.reference`).
-DETECTOR_BACKENDS = ("auto", "torch", "onnx", "reference")
+#: What ``Detector(backend=...)`` accepts: the runtimes of :mod:`cascade.inference.runtime`,
+#: ``"resident"`` (the whole cascade in torch on the device,
+#: :mod:`cascade.inference.resident`) and ``"reference"``, the previous implementation
+#: kept for parity (:mod:`cascade.inference.reference`).
+DETECTOR_BACKENDS = ("auto", "torch", "onnx", "resident", "reference")
 #: The stages :meth:`Detector.detect` times when asked (``timings=``), in order.
 STAGES = ("decode", "preprocess", "proposal_net", "candidates", "fpr", "detections")
 
@@ -75,9 +77,12 @@ class Detector:
     operating_point : OperatingPoint or None
         Which detections :meth:`detect` returns; None = every candidate, scored
         (what FROC evaluation needs).
-    backend : {"auto", "torch", "onnx", "reference"}
-        Where the networks run (:mod:`cascade.inference.runtime`): "auto" = ONNX
-        Runtime on a CPU device where it is installed, else torch; "reference" = the
+    backend : {"auto", "torch", "onnx", "resident", "reference"}
+        Where the networks run (:mod:`cascade.inference.runtime`): "auto" = the
+        resident path on a CUDA device, ONNX Runtime on a CPU device where it is
+        installed, else torch; "resident" = preprocessing, U-Net, candidates and FPR
+        all in torch on the device, one transfer of the result per image
+        (:mod:`cascade.inference.resident`; on the CPU too, for parity); "reference" = the
         previous implementation end to end (torch, square tiles over the breast's
         bounding box, whole-image candidate filters), kept for parity and for
         ``bench/speed.py``'s ratio.
@@ -174,7 +179,26 @@ class Detector:
         if backend not in DETECTOR_BACKENDS:
             raise ValueError(f"backend must be one of {list(DETECTOR_BACKENDS)}, got {backend!r}")
         self.reference = backend == "reference"
-        self.backend = "torch" if self.reference else select_backend(backend, self.device)
+        if backend == "auto" and self.device.type == "cuda":
+            backend = "resident"
+        self.resident: ResidentCascade | None = None
+        if backend == "resident":
+            self.resident = ResidentCascade(
+                self.asn,
+                self.fpr,
+                kind=self.map_kind,
+                residual=self.residual,
+                device=self.device,
+                proposal=self.proposal,
+                spacing_mm=self.spacing_mm,
+                fpr_input_size=self.fpr_input_size,
+                fpr_batch_size=fpr_batch_size,
+            )
+        self.backend = (
+            "torch"
+            if self.reference or self.resident is not None
+            else select_backend(backend, self.device)
+        )
         self.asn_net: MapNet
         self.fpr_net: CropScorer | None = None
         if self.backend == "onnx":
@@ -203,7 +227,9 @@ class Detector:
 
     @property
     def label(self) -> str:
-        """``"onnx"``, ``"torch"`` or ``"reference"``: what :meth:`detect` runs."""
+        """``"onnx"``, ``"torch"``, ``"resident"`` or ``"reference"``: what :meth:`detect` runs."""
+        if self.resident is not None:
+            return "resident"
         return "reference" if self.reference else self.backend
 
     @classmethod
@@ -267,7 +293,27 @@ class Detector:
         clock = _Clock(timings, self.device)
         mammo = read_mammogram(source)
         clock("decode")
+        if path == "" and isinstance(source, (str, os.PathLike)):
+            path = str(source)
+        return self._detect_decoded(mammo, path=path, clock=clock)
+
+    def _detect_decoded(self, mammo: Mammogram, *, path: str, clock: _Clock) -> ImageDetections:
+        """:meth:`detect` after the decode."""
         meta = mammo.metadata
+        if self.resident is not None:
+            op = self.operating_point
+            res = self.resident.run(
+                mammo, min_score=None if op is None else op.min_score, clock=clock
+            )
+            cands, probs, transform = res.candidates, res.probabilities, res.transform
+        else:
+            cands, probs, transform = self._detect_host(mammo, clock)
+        return self._detections(meta, cands, probs, transform, path=path, clock=clock)
+
+    def _detect_host(
+        self, mammo: Mammogram, clock: _Clock
+    ) -> tuple[list[Candidate], np.ndarray, GridTransform]:
+        """Candidates and FPR probabilities through the numpy preprocessing (host path)."""
         pre = preprocess_mammogram(mammo, target_spacing_mm=self.spacing_mm)
         clock("preprocess")
         if self.reference:
@@ -309,6 +355,19 @@ class Detector:
             else:
                 probs = np.ones(len(cands))
         clock("fpr")
+        return cands, np.asarray(probs, dtype=np.float64), pre.transform
+
+    def _detections(
+        self,
+        meta: MammogramMetadata,
+        cands: list[Candidate],
+        probs: np.ndarray,
+        transform: GridTransform,
+        *,
+        path: str,
+        clock: _Clock,
+    ) -> ImageDetections:
+        """The detections the operating point reports, in the received grid."""
         probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         scores = np.array([c.asn_score for c in cands], dtype=np.float64) * probs
         fpr_scores = np.clip(probs, 0.0, 1.0)
@@ -317,7 +376,7 @@ class Detector:
         scored = [(float(scores[i]), float(fpr_scores[i]), cands[i]) for i in order]
         dets = []
         for score, p, cand in scored:
-            mask, origin = _mask_to_source(cand, pre.transform)
+            mask, origin = _mask_to_source(cand, transform)
             dets.append(
                 Detection(
                     x=cand.x,
@@ -330,8 +389,6 @@ class Detector:
                     mask_origin=origin,
                 )
             )
-        if path == "" and isinstance(source, (str, os.PathLike)):
-            path = str(source)
         result = ImageDetections(
             sop_instance_uid=meta.sop_instance_uid,
             path=path,
@@ -361,9 +418,22 @@ class Detector:
             probs[need] = self.fpr_net(extract_crops(image, xy))
         return probs
 
-    def detect_many(self, sources: Sequence[str | os.PathLike[str]]) -> list[ImageDetections]:
-        """:meth:`detect` on several files."""
-        return [self.detect(s) for s in sources]
+    @torch.no_grad()
+    def detect_many(
+        self, sources: Sequence[str | os.PathLike[str]], *, prefetch_depth: int = 2
+    ) -> list[ImageDetections]:
+        """:meth:`detect` on several files, the next ones decoded on a thread meanwhile.
+
+        At most ``prefetch_depth`` decoded images wait ahead of the one being computed
+        (:func:`cascade.inference.resident.prefetch`); results in input order.
+        """
+        out = []
+        decoded = prefetch(list(sources), read_mammogram, depth=prefetch_depth)
+        for source, mammo in zip(sources, decoded, strict=True):
+            out.append(
+                self._detect_decoded(mammo, path=str(source), clock=_Clock(None, self.device))
+            )
+        return out
 
 
 class _Clock:
