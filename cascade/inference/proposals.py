@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.measure import label, regionprops
+from skimage.measure import label
 from skimage.segmentation import watershed
 
 from cascade.data.preprocess import GridTransform, PreprocessedImage
@@ -393,6 +393,40 @@ def _merge_plateaus(
     return own[first]
 
 
+def _regions(
+    ws: np.ndarray,
+    intensity: np.ndarray,
+    keys: Mapping[int, tuple[int, int]],
+    offset: tuple[int, int],
+    min_area: int,
+) -> Iterator[_Region]:
+    """The labelled regions of one component's window, as ``skimage.measure.regionprops``
+    describes them (label order; bbox, area, float32 score of the summed map, float64
+    intensity-weighted centroid) without its per-region moment tensors."""
+    r_off, c_off = offset
+    for label_id, sl in enumerate(ndimage.find_objects(ws), start=1):
+        if sl is None:
+            continue
+        image = ws[sl] == label_id
+        area = int(np.count_nonzero(image))
+        if area < min_area:
+            continue
+        inten = intensity[sl]
+        weights = np.where(image, inten, 0).astype(np.float64)
+        total = weights.sum()
+        cy = float(weights.sum(axis=1) @ np.arange(image.shape[0], dtype=np.float64) / total)
+        cx = float(weights.sum(axis=0) @ np.arange(image.shape[1], dtype=np.float64) / total)
+        r0, c0 = sl[0].start + r_off, sl[1].start + c_off
+        yield _Region(
+            key=keys[label_id],
+            score=float(inten[image].sum()),
+            area=area,
+            bbox=(r0, c0, sl[0].stop + r_off, sl[1].stop + c_off),
+            centroid_rc=(cy + r0, cx + c0),
+            image=image,
+        )
+
+
 def propose(
     rmap: np.ndarray,
     transform: GridTransform,
@@ -497,21 +531,7 @@ def propose(
                 markers[int(r), int(c)] = 1
                 keys = {1: (1, k)}
             ws = watershed(-sm_w, markers, mask=comp)
-        for reg in regionprops(ws, intensity_image=rmap[win]):
-            if reg.area < config.min_area_px:
-                continue
-            b = reg.bbox
-            cy, cx = reg.centroid_weighted_local
-            regions.append(
-                _Region(
-                    key=keys[reg.label],
-                    score=float(reg.image_intensity[reg.image].sum()),
-                    area=int(reg.area),
-                    bbox=(b[0] + r_off, b[1] + c_off, b[2] + r_off, b[3] + c_off),
-                    centroid_rc=(cy + (b[0] + r_off), cx + (b[1] + c_off)),
-                    image=np.asarray(reg.image, dtype=bool),
-                )
-            )
+        regions.extend(_regions(ws, rmap[win], keys, (r_off, c_off), config.min_area_px))
     if not regions:
         return []
     regions.sort(key=lambda r: r.key)
