@@ -14,9 +14,17 @@ one detector (``--batch``, new path only).
 
 Usage::
 
-    .venv/bin/python bench/speed.py [--device cpu|cuda|auto] [--repeats 3] [--batch 4]
+    .venv/bin/python bench/speed.py [--device cpu|cuda|auto] [--backend auto|torch|onnx|resident]
+        [--repeats 3] [--batch 4]
         [--sizes small,full,full70] [--data DIR] [--out bench/results/speed.json]
         [--no-reference] [--no-readme]
+
+``--backend resident`` times the device-resident path (:mod:`cascade.inference.resident`:
+preprocessing, U-Net, candidates and FPR in torch on the device; ``auto`` picks it on
+CUDA). Its candidates approximate the host path's (watershed split, coarse breast-mask
+components), so its detections are compared with the reference within 10 % of the score
+(``same_detections`` = "close") instead of 0.1 %. GPU figures for it are still to be
+measured.
 
 Phantoms are rendered once into ``--data`` (default ``data/speed``) by
 :func:`cascade.synthesis.generate_dataset`. Writes the JSON and the "Speed" section of
@@ -184,11 +192,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def batch_throughput(det: Detector, paths: Sequence[Path]) -> dict[str, Any]:
-    """Images per second (wall and CPU) for ``paths`` one after the other, one detector."""
+    """Images per second (wall and CPU) for ``paths`` through one detector.
+
+    :meth:`Detector.detect_many`: one image after the other, the next ones decoded on a
+    thread meanwhile (bounded prefetch).
+    """
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with RssSampler() as rss:
-        for p in paths:
-            det.detect(p)
+        det.detect_many(list(paths))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {
         "images": len(paths),
@@ -236,9 +247,12 @@ def measure(
             entry["ratio_cpu"] = statistics.median(r[1] for r in ratios)
             ref_top = np.array(runs["reference"][-1]["top"]).reshape(-1, 3)
             new_top = np.array(runs["new"][-1]["top"]).reshape(-1, 3)
+            # The resident path approximates the candidate split: compared within 10 %.
+            rtol = 0.1 if detectors["new"].label == "resident" else 1e-3
             entry["same_detections"] = runs["reference"][-1]["detections"] == runs["new"][-1][
                 "detections"
-            ] and bool(ref_top.shape == new_top.shape and np.allclose(ref_top, new_top, rtol=1e-3))
+            ] and bool(ref_top.shape == new_top.shape and np.allclose(ref_top, new_top, rtol=rtol))
+            entry["same_detections_rtol"] = rtol
         out[size] = entry
     return out
 
@@ -283,7 +297,9 @@ def markdown(data: dict[str, Any]) -> str:
                     LABELS.get(size, size),
                     f"{entry['ratio_wall']:.2f}",
                     f"{entry['ratio_cpu']:.2f}",
-                    "yes" if entry["same_detections"] else "NO",
+                    ("yes" if entry.get("same_detections_rtol", 1e-3) <= 1e-3 else "close")
+                    if entry["same_detections"]
+                    else "NO",
                 ]
             )
     if ratio_rows:
@@ -312,7 +328,13 @@ def markdown(data: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    ap.add_argument("--backend", default="auto", help="new path: auto (default), torch, onnx")
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx", "resident"),
+        help="new path: auto (default: resident on CUDA, ONNX Runtime on the CPU), torch, "
+        "onnx, resident (the device-resident torch path)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="runs per image and path (3)")
     ap.add_argument("--batch", type=int, default=4, help="images in the throughput batch (4)")
     ap.add_argument("--batch-size", default="full", choices=sorted(SIZES), help="their size (full)")

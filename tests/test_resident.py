@@ -5,9 +5,11 @@ and the FPR in torch on one device. Here it runs on the CPU against the host pat
 (numpy/scipy/skimage preprocessing and candidates, the same networks). Exact where the
 arithmetic is the same (8-bit map, resampling, Otsu thresholds, U-Net windows); within
 a tolerance where the device path approximates (the watershed split, the coarse
-components of the breast mask): same candidates, centres within 0.6 px, ASN scores
-within 10 % (measured: 0.54 px, 9.4 % on the four seed-0 small phantoms). No timing
-is asserted (``bench/speed.py --backend resident``).
+components of the breast mask): on the first phantom with µCs (12 candidates) the same
+candidates, centres within 0.6 px, ASN scores within 10 % (measured 0.24 px, 4.7 %).
+On a denser phantom the split differs more for a few low-scoring candidates (figures
+in the docstring of :mod:`cascade.inference.resident`). No timing is asserted
+(``bench/speed.py --backend resident``).
 
 Coordinates: x = column, y = row; arrays ``[row, col]``; working grid.
 """
