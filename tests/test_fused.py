@@ -82,3 +82,31 @@ def test_the_fused_copy_does_not_follow_later_changes_to_the_module() -> None:
         for p in model.parameters():
             p.add_(1.0)
         assert torch.equal(fused(x), before)
+
+
+def test_a_second_onnx_map_net_on_the_same_weights_reuses_the_export_and_others_do_not() -> None:
+    pytest.importorskip("onnxruntime")
+    from cascade.inference import runtime
+
+    model = _trained_looking(get_model("asn_unet", width=4, head="sigmoid"), 4)
+    tile = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+
+    def both(residual: str) -> tuple[np.ndarray, np.ndarray]:
+        net = runtime.OnnxMapNet(model, kind="residual", residual=residual, threads=1)
+        return net(tile), runtime.TorchMapNet(model, kind="residual", residual=residual)(tile)
+
+    runtime._EXPORTED.clear()
+    first, _ = both("l1")
+    again, _ = both("l1")
+    assert len(runtime._EXPORTED) == 1
+    np.testing.assert_array_equal(first, again)
+    onnx_l2, torch_l2 = both("l2")  # another graph from the same weights
+    assert len(runtime._EXPORTED) == 2
+    np.testing.assert_allclose(onnx_l2, torch_l2, atol=1e-5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    onnx_new, torch_new = both("l1")  # other weights: exported anew, not the cached graph
+    assert len(runtime._EXPORTED) == 3
+    np.testing.assert_allclose(onnx_new, torch_new, atol=1e-5)
+    assert np.abs(onnx_new - first).max() > 1e-3

@@ -28,6 +28,7 @@ float64 ``(N,)``. Row = H axis, column = W axis.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import logging
@@ -167,34 +168,67 @@ class TorchMapNet:
             return self.net(x)[0, 0].float().cpu().numpy()
 
 
+#: Exported ONNX graphs of this process by :func:`_graph_key` (a few MB each): a second
+#: detector on the same weights (a worker's restart in a test, the CLI's evaluate after
+#: detect) skips the export (about 1 s per network on the 2-core CPU).
+_EXPORTED: dict[str, bytes] = {}
+_EXPORTED_MAX = 8
+
+
+def _graph_key(model: torch.nn.Module, example: torch.Tensor, *parts: object) -> str:
+    """What determines an export: the module's class, structure and tensors, the inputs."""
+    digest = hashlib.sha256(f"{type(model).__qualname__}|{model!r}|{parts}".encode())
+    digest.update(repr((tuple(example.shape), ONNX_OPSET)).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _session(
-    model: torch.nn.Module, example: torch.Tensor, dynamic: dict[int, str], threads: int
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    dynamic: dict[int, str],
+    threads: int,
+    *,
+    graph: tuple[object, ...] = (),
 ) -> Any:
-    """An ONNX Runtime session of ``model`` exported in memory (CPU provider)."""
+    """An ONNX Runtime session of ``model`` exported in memory (CPU provider).
+
+    ``graph``: whatever else decides the exported graph beyond the module's class,
+    structure and weights (e.g. the map kind), for the in-process export cache.
+    """
     import onnxruntime as ort
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript exporter warns about the shape checks it traces as constants
-        # (they hold for every input we feed: H, W multiples of 8) and about itself.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            buf,  # type: ignore[arg-type]  # a file-like object is accepted
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": dynamic, "y": dynamic},
-            opset_version=ONNX_OPSET,
-        )
+    key = _graph_key(model, example, dynamic, graph)
+    onnx_bytes = _EXPORTED.get(key)
+    if onnx_bytes is None:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            # The TorchScript exporter warns about the shape checks it traces as constants
+            # (they hold for every input we feed: H, W multiples of 8) and about itself.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                buf,  # type: ignore[arg-type]  # a file-like object is accepted
+                dynamo=False,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": dynamic, "y": dynamic},
+                opset_version=ONNX_OPSET,
+            )
+        onnx_bytes = buf.getvalue()
+        while len(_EXPORTED) >= _EXPORTED_MAX:
+            _EXPORTED.pop(next(iter(_EXPORTED)))
+        _EXPORTED[key] = onnx_bytes
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, int(threads))
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def _run_options() -> Any:
@@ -238,7 +272,11 @@ class OnnxMapNet:
         head = fused_map_module(model, kind=kind, residual=residual)
         self.threads = _threads(threads)
         self.session = _session(
-            head, torch.rand(1, 1, 64, 64), {0: "batch", 2: "rows", 3: "cols"}, self.threads
+            head,
+            torch.rand(1, 1, 64, 64),
+            {0: "batch", 2: "rows", 3: "cols"},
+            self.threads,
+            graph=(kind, residual, getattr(model, "head", None)),
         )
         self.run_options = _run_options()
 
