@@ -214,7 +214,11 @@ class Detector:
                 )
         else:
             self.asn_net = TorchMapNet(
-                self.asn, kind=self.map_kind, residual=self.residual, device=self.device
+                self.asn,
+                kind=self.map_kind,
+                residual=self.residual,
+                device=self.device,
+                fused=None if self.resident is None else self.resident.net,
             )
             if self.fpr is not None:
                 self.fpr_net = TorchCropScorer(

@@ -141,6 +141,8 @@ class TorchMapNet:
         Where the module lives.
     channels_last : bool or None
         Feed channels-last tensors; None = on the CPU only (oneDNN's faster layout).
+    fused : torch.nn.Module or None
+        ``model`` already fused on ``device`` (the resident path's copy), used as it is.
     """
 
     backend = "torch"
@@ -153,11 +155,14 @@ class TorchMapNet:
         residual: str,
         device: torch.device | str = "cpu",
         channels_last: bool | None = None,
+        fused: torch.nn.Module | None = None,
     ) -> None:
         self.model, self.kind, self.residual = model, kind, residual
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
-        self.net = fused_map_module(model, kind=kind, residual=residual).to(self.device)
+        if fused is None:
+            fused = fused_map_module(model, kind=kind, residual=residual).to(self.device)
+        self.net = fused
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
