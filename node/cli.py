@@ -85,11 +85,12 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--profile",
-        choices=("standard", "wide", "subtle"),
+        choices=("standard", "wide", "subtle", "faint"),
         default="standard",
         help="sampling distributions: standard (the default, unchanged renders), wide "
-        "(harder, wider training data) or subtle (faint, mostly small µCs in dense tissue, "
-        "for validation / test); see docs/phantom.md",
+        "(harder, wider training data), subtle (lower-contrast, mostly small µCs in dense "
+        "tissue, for validation / test) or faint (near the noise floor, a stress set); "
+        "see docs/phantom.md",
     )
     p.add_argument("--preview", action="store_true", help="also write PNGs, truth circled")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -377,7 +377,7 @@ STANDARD_SEED7_TRUTH = "3c3f8269223dbdaddaeaa68d07cdd6813cad6d5faaf2a4d41d5e4330
 @pytest.fixture(scope="module")
 def profile_images() -> dict[str, list[PhantomImage]]:
     images = {"standard": [_render(7, profile="standard")]}
-    for name in ("wide", "subtle"):
+    for name in ("wide", "subtle", "faint"):
         images[name] = [_render(seed, profile=name, positive=True) for seed in (7, 8)]
     return images
 
@@ -399,19 +399,31 @@ def test_standard_profile_renders_exactly_what_the_phantom_rendered_before_profi
     assert image.profile == "standard" and image.tags["profile"] == "standard"
 
 
-def test_subtle_profile_has_fainter_microcalcifications_than_standard(
+def test_faint_profile_has_microcalcifications_near_the_noise_floor(
     profile_images: dict[str, list[PhantomImage]],
 ) -> None:
     def contrasts(name: str) -> np.ndarray:
         return np.array([c.peak_contrast for im in profile_images[name] for c in im.calcifications])
 
-    standard, subtle, wide = contrasts("standard"), contrasts("subtle"), contrasts("wide")
-    assert len(subtle) >= 20 and len(wide) >= 20
-    assert np.median(subtle) < 0.5 * np.median(standard)
-    assert np.median(subtle) < 0.05
+    standard, faint, wide = contrasts("standard"), contrasts("faint"), contrasts("wide")
+    assert len(faint) >= 20 and len(wide) >= 20
+    assert np.median(faint) < 0.5 * np.median(standard)
+    assert np.median(faint) < 0.05
     # Down to the quantum-noise floor (σ/S of one 100-µm GE pixel ≈ 1.6 %).
-    assert np.quantile(subtle, 0.1) < 0.025 and np.quantile(wide, 0.1) < 0.03
-    assert subtle.max() <= 0.12
+    assert np.quantile(faint, 0.1) < 0.025 and np.quantile(wide, 0.1) < 0.03
+    assert faint.max() <= 0.12
+
+
+def test_subtle_profile_has_lower_contrast_than_standard_and_more_than_faint(
+    profile_images: dict[str, list[PhantomImage]],
+) -> None:
+    def median_contrast(name: str) -> float:
+        values = [c.peak_contrast for im in profile_images[name] for c in im.calcifications]
+        return float(np.median(values))
+
+    assert PROFILES["faint"].contrast_median < PROFILES["subtle"].contrast_median
+    assert PROFILES["subtle"].contrast_median < PROFILES["standard"].contrast_median
+    assert median_contrast("faint") < median_contrast("subtle") < median_contrast("standard")
 
 
 def test_wide_profile_sizes_span_0_1_to_1_mm(profile_images: dict[str, list[PhantomImage]]) -> None:
@@ -428,7 +440,7 @@ def test_wide_and_subtle_profiles_draw_branching_and_pleomorphic_shapes(
 ) -> None:
     old = {"ellipsoid", "lobulated", "linear"}
     assert {c.shape for c in profile_images["standard"][0].calcifications} <= old
-    for name in ("wide", "subtle"):
+    for name in ("wide", "subtle", "faint"):
         shapes = {c.shape for im in profile_images[name] for c in im.calcifications}
         assert {"branching", "pleomorphic"} <= shapes, name
         for im in profile_images[name]:
@@ -446,7 +458,7 @@ def test_wide_and_subtle_profiles_have_about_half_normal_images() -> None:
         _draw_density(rng, name)
         return PROFILES[name].draw_positive(rng)
 
-    for name in ("wide", "subtle"):
+    for name in ("wide", "subtle", "faint"):
         plan = [planned_positive(seed, name) for seed in range(40)]
         assert 0.35 <= 1 - np.mean(plan) <= 0.65, name
     assert PROFILES["standard"].negative_fraction == NEGATIVE_FRACTION

@@ -10,8 +10,8 @@ grid: ``x`` = column, ``y`` = row, 0-based, the centre of the first pixel at ``(
 Entry points: :func:`render_image` (arrays and truth, no DICOM), :func:`phantom_to_dataset`
 (an MG For Presentation dataset) and :func:`generate_dataset` (studies on disk with a
 manifest and optional previews). Each takes a keyword-only ``profile`` (:data:`PROFILES`):
-``"standard"`` (the default, unchanged renders), ``"wide"`` (harder training data) or
-``"subtle"`` (faint validation / test µCs).
+``"standard"`` (the default, unchanged renders), ``"wide"`` (harder training data),
+``"subtle"`` (lower-contrast validation / test µCs) or ``"faint"`` (a stress set).
 """
 
 from __future__ import annotations

@@ -131,9 +131,9 @@ def generate_dataset(
         Show a tqdm progress bar.
     profile : str
         The phantom profile (a key of ``PROFILES``): ``"standard"`` (the default, identical
-        to the phantom before profiles), ``"wide"`` (harder training data) or
-        ``"subtle"`` (faint validation / test µCs). Recorded in each record's
-        ``tags["profile"]``.
+        to the phantom before profiles), ``"wide"`` (harder training data),
+        ``"subtle"`` (lower-contrast validation / test µCs) or ``"faint"`` (a stress set).
+        Recorded in each record's ``tags["profile"]``.
 
     Returns
     -------

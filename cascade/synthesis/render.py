@@ -63,7 +63,7 @@ def render_image(
         profile, the profile's ``density_probabilities`` otherwise).
     positive : bool or None
         Whether the image holds µCs; sampled when None (60 % in the standard profile,
-        50 % in "wide" and "subtle").
+        50 % in "wide", "subtle" and "faint").
     photometric : str or None
         Force ``"MONOCHROME1"`` / ``"MONOCHROME2"``; sampled per vendor when None.
     transfer_syntax : str or None

@@ -34,7 +34,7 @@ class PhantomCalcification:
         noise-free, relative to the local background.
     shape : str
         ``"ellipsoid"``, ``"lobulated"``, ``"linear"``, ``"branching"`` or
-        ``"pleomorphic"`` (the last two only in the "wide" and "subtle" profiles).
+        ``"pleomorphic"`` (the last two only in the "wide", "subtle" and "faint" profiles).
     mu_cm : float
         Effective linear attenuation coefficient used (cm⁻¹).
     cluster : int or None
@@ -98,7 +98,8 @@ class PhantomImage:
     params : dict
         The sampled physical parameters (β, thickness, quanta, …) for reports.
     profile : str
-        The phantom profile that drew the image (``"standard"``, ``"wide"``, ``"subtle"``).
+        The phantom profile that drew the image (``"standard"``, ``"wide"``, ``"subtle"``,
+        ``"faint"``).
     """
 
     pixels: NDArray[np.uint16] = field(repr=False)
