@@ -1,10 +1,9 @@
-"""The node's typed configuration: defaults, TOML files, environment, command line.
+"""The node's typed configuration: frozen pydantic models (``config/calcnode.toml``: same defaults).
 
-Frozen pydantic models are the one source of truth (``config/calcnode.toml`` lists every
-key with the same defaults). :func:`load_settings` has pydantic-settings layer, lowest first,
-the defaults; the file and its ``conf.d/*.toml`` (relative paths from the file's folder); the
-``CALCNODE_<SECTION>__<KEY>`` variables (``CALCNODE_DESTINATIONS``: JSON); the overrides (text
-parsed by type). Ours: which file or variable set a bad value, and "did you mean".
+:func:`load_settings` has pydantic-settings layer, lowest first: the defaults; the TOML file
+and its ``conf.d/*.toml`` (relative paths from the file's folder); ``CALCNODE_<SECTION>__<KEY>``
+(``CALCNODE_DESTINATIONS``: JSON); the overrides (text parsed by type). Ours: the schema, which
+file or variable set a bad value, and "did you mean".
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -55,6 +53,7 @@ _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,6
 _USAGE = f"{ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}NODE__PORT"  # an environment variable
 _EXAMPLE = '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'
 Loc = tuple[str | int, ...]
+_REQUEST: ContextVar[_Request] = ContextVar("calcnode_settings_request")  # load_settings running
 
 
 def _check(ok: Callable[[Any], object], problem: str, mode: type = AfterValidator) -> Any:
@@ -77,7 +76,7 @@ def _kinds(kinds: tuple[str, ...], allowed: tuple[str, ...] = OUTPUT_KINDS) -> t
     return kinds
 
 
-def _invalid(field: str | Loc, problem: str) -> PydanticCustomError:  # names the field
+def _invalid(problem: str, *field: str | int) -> PydanticCustomError:  # names the field
     return PydanticCustomError("invalid", "{problem}", {"problem": problem, "field": field})
 
 
@@ -110,19 +109,13 @@ _Expand = AfterValidator(lambda p: p and p.expanduser())
 _Path = Annotated[Path, Field(strict=False), _NotEmpty, _Expand]
 _NoneIfEmpty = BeforeValidator(lambda v: v or None)  # "" is no path (for _Path: an error)
 _OptionalPath = Annotated[Path | None, Field(strict=False), _NoneIfEmpty, _Expand]
-
-
-class _FieldTypeError(ValueError, TypeError):
-    """A constructor's argument of the wrong type: a ``ValueError`` too (one class for all)."""
-
-
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
 _TYPES |= {"tuple": "a list of strings", "path": "a path string", "model": "a table"}
+_TYPES |= {"finite_number": "a finite number"}  # nan, inf
 
 
-def _loc(error: Mapping[str, Any]) -> Loc:
-    field = error.get("ctx", {}).get("field", ())
-    return (*error["loc"], *(field if isinstance(field, tuple) else (field,)))
+def _loc(error: Mapping[str, Any]) -> Loc:  # with the field an _invalid error names
+    return (*error["loc"], *error.get("ctx", {}).get("field", ()))
 
 
 def _dotted(loc: Iterable[str | int]) -> str:
@@ -140,19 +133,21 @@ def _problem(error: Mapping[str, Any]) -> str:
         return "is a setting, not a table"
     if base == "string" and isinstance(error["loc"][-1], int):
         return f"must be a list of strings, contains {got!r}"
-    if base in _TYPES and kind != base:
+    if base in _TYPES:
         return f"must be {_TYPES[base]}, got {got!r}"
     if kind in ("greater_than_equal", "greater_than"):
         relation, bound = ("at least", ctx["ge"]) if "ge" in ctx else ("greater than", ctx["gt"])
         return f"must be {relation} {bound:g}, got {got:g}"
-    if kind == "finite_number":
-        return f"must be a finite number, got {got!r}"
     return str(error["msg"])
 
 
 def _hint(word: object, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _FieldTypeError(ValueError, TypeError):
+    """A constructor's argument of the wrong type: a ``ValueError`` too (one class for all)."""
 
 
 class _Section(BaseModel):
@@ -187,11 +182,11 @@ class TLSSettings(_Section):
     def _consistent(self) -> TLSSettings:
         for name in ("cert_file", "key_file"):
             if self.enabled and getattr(self, name) is None:
-                raise _invalid(name, "is required when TLS is enabled")
+                raise _invalid("is required when TLS is enabled", name)
         if self.require_client_cert and not self.enabled:
-            raise _invalid("require_client_cert", "needs enabled = true")
+            raise _invalid("needs enabled = true", "require_client_cert")
         if self.require_client_cert and self.ca_file is None:
-            raise _invalid("ca_file", "is required when require_client_cert is true")
+            raise _invalid("is required when require_client_cert is true", "ca_file")
         return self
 
 
@@ -292,7 +287,7 @@ class SendSettings(_Section):
     def _ordered(self) -> SendSettings:
         if self.retry_max_seconds < self.retry_initial_seconds:
             at_least = f"must be at least retry_initial_seconds ({self.retry_initial_seconds:g})"
-            raise _invalid("retry_max_seconds", f"{at_least}, got {self.retry_max_seconds:g}")
+            raise _invalid(f"{at_least}, got {self.retry_max_seconds:g}", "retry_max_seconds")
         return self
 
 
@@ -343,32 +338,29 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, *args: Any, **given: Any) -> tuple[Any, ...]:
         """The layers, highest first: arguments, environment, files (``Settings()``: arguments)."""
-        if (request := _REQUEST.get(None)) is None:
-            return (given["init_settings"],)
+        init = given["init_settings"]
+        if (request := _REQUEST.get(None)) is None:  # the constructor: sections as objects
+            for name, value in init.init_kwargs.items():
+                hint = getattr(cls.model_fields.get(name), "annotation", None)
+                if isinstance(hint, type) and not isinstance(value, hint):
+                    got = type(value).__name__
+                    raise TypeError(f"{name}: must be a {hint.__name__}, got {got}")
+            return (init,)
         files = _Files(cls, toml_file=request.files, deep_merge=True)
         env = _Environment(cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
-        return given["init_settings"], env, files
-
-    @pydantic.field_validator("*", mode="before")
-    @classmethod
-    def _objects(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
-        hint = cls.model_fields[str(info.field_name)].annotation
-        if isinstance(hint, type) and not isinstance(value, hint) and not _REQUEST.get(None):
-            got = type(value).__name__
-            raise TypeError(f"{info.field_name}: must be a {hint.__name__}, got {got}")
-        return value
+        return init, env, files
 
     @pydantic.model_validator(mode="after")
     def _destinations_agree(self) -> Settings:
         for index, dest in enumerate(self.destinations):
             if dest.name in [d.name for d in self.destinations[:index]]:
                 duplicate = f"duplicate destination name {dest.name!r}"
-                raise _invalid(("destinations", index, "name"), duplicate)
+                raise _invalid(duplicate, "destinations", index, "name")
             try:
                 _kinds(dest.kinds, self.outputs.kinds)
             except ValueError as exc:
                 problem = f"{exc} (outputs.kinds enables only these)"
-                raise _invalid(("destinations", index, "kinds"), problem) from None
+                raise _invalid(problem, "destinations", index, "kinds") from None
         return self
 
     def __eq__(self, other: object) -> bool:
@@ -394,32 +386,33 @@ class Settings(BaseSettings):
         return data
 
 
-def _model_of(field: Any) -> type[BaseModel] | None:
-    """The model of a table field (``node``) or of a list of tables (``destinations``)."""
-    hint = getattr(field.annotation, "__args__", (field.annotation,))[0]
-    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
-
-
-def _parse(table: Any, layer: Path | str, cls: Any = None, loc: Loc = ()) -> Any:
-    """A layer's ``table``: relative paths made absolute (from a file's folder, else the
-    current one); from ``"env"`` or ``"cli"``, strings parsed by the setting's type."""
+def _parse(table: Any, layer: Path | str, cls: type[BaseModel] = Settings, loc: Loc = ()) -> Any:
+    """A layer's ``table``, its keys checked: relative paths made absolute (from a file's folder,
+    else the current one); from ``"env"`` or ``"cli"``, strings parsed by the setting's type."""
     if not isinstance(table, Mapping):
         return table  # not a table where one belongs: pydantic says so
-    out = dict(table)
+    out, fields = dict(table), cls.model_fields
     for key, value in table.items():
-        if (field := (cls or Settings).model_fields.get(key)) is None:
-            continue  # unknown: pydantic says so
-        hint, model, here = field.annotation, _model_of(field), (*loc, key)
+        if (field := fields.get(key)) is None:  # named with the first key that the layer sets
+            origin = _origin(layer, _key((*loc, *next(_flatten({key: value}))[0])))
+            if not loc:
+                raise ConfigError(f"unknown section [{key}] ({origin}){_hint(key, fields)}")
+            where = f" in {_dotted(loc)}" if any(isinstance(p, int) for p in loc) else ""
+            known = f"{_hint(key, fields)}; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key {key!r}{where} ({origin}){known}")
+        hint, here, many = field.annotation, (*loc, key), get_origin(field.annotation) is tuple
+        model: Any = getattr(hint, "__args__", (hint,))[0]  # of a table or of a list of tables
+        model = model if isinstance(model, type) and issubclass(model, BaseModel) else None
         if hint in (Path, Path | None):
             if isinstance(value, str | os.PathLike) and str(value):
                 base = layer.parent if isinstance(layer, Path) else Path.cwd()
                 value = str(base / Path(value).expanduser())  # base ignored if absolute
         elif isinstance(value, str) and isinstance(layer, str) and hint is not str:
             value = _from_text(hint, value.strip(), _origin(layer, here), model is not None)
-        if model is not None and isinstance(value, list | tuple):
-            value = [_parse(v, layer, model, (*here, i)) for i, v in enumerate(value)]
-        elif model is not None:
+        if model is not None and not many:
             value = _parse(value, layer, model, here)
+        elif model is not None and isinstance(value, list | tuple):
+            value = [_parse(v, layer, model, (*here, i)) for i, v in enumerate(value)]
         out[key] = value
     return out
 
@@ -450,6 +443,10 @@ def _flatten(table: Mapping[str, Any], prefix: Loc = ()) -> Iterator[tuple[Loc, 
             yield (*prefix, key), value
 
 
+def _key(loc: Loc) -> Loc:  # what a layer sets: destinations[1].name is in destinations
+    return loc[: next((i for i, p in enumerate(loc) if isinstance(p, int)), None)]
+
+
 def _origin(layer: Path | str, loc: Loc) -> str:
     """Where the value at ``loc`` of a layer (a file, ``"env"``, ``"cli"``) came from."""
     if layer == "env":
@@ -469,8 +466,7 @@ class _Request:
 
     def origin(self, loc: Loc) -> str:
         """Where the value at ``loc`` came from: its key, else a key of its table (section)."""
-        keys = tuple(p for p in loc if isinstance(p, str))
-        keys = keys[:1] if keys[:1] == ("destinations",) else keys
+        keys = _key(loc)
         found = [(key, layer) for data, layer in self.layers for key, _ in _flatten(data)]
         hits = (_origin(at, k) for p in (keys, keys[:-1]) for k, at in found if k[: len(p)] == p)
         return next(hits, "the built-in default")
@@ -478,16 +474,6 @@ class _Request:
     def explain(self, error: Mapping[str, Any]) -> str:
         loc, kind = _loc(error), error["type"]
         origin = self.origin(loc)
-        if kind == "extra_forbidden":
-            *table, name = loc
-            if not table:
-                return f"unknown section [{name}] ({origin}){_hint(name, Settings.model_fields)}"
-            cls: type[BaseModel] = Settings
-            for part in (p for p in table if isinstance(p, str)):
-                cls = _model_of(cls.model_fields[part]) or cls
-            where = f" in {_dotted(table)}" if any(isinstance(p, int) for p in table) else ""
-            hint, known = _hint(name, cls.model_fields), ", ".join(cls.model_fields)
-            return f"unknown key {name!r}{where} ({origin}){hint}; known keys: {known}"
         if kind == "missing":
             return f"{_dotted(loc[:-1])}: missing required key {loc[-1]!r} ({origin})"
         if loc[:1] == ("destinations",) and kind == "model_type":
@@ -499,18 +485,14 @@ class _Request:
 class _Files(pydantic_settings.TomlConfigSettingsSource):
     """The file and its drop-ins, which pydantic-settings merges in order."""
 
-    def _read_file(self, file_path: Any) -> dict[str, Any]:
-        path = Path(file_path)
+    def _read_file(self, path: Any) -> dict[str, Any]:  # a Path: _existing_files made it one
         try:
             data = _parse(super()._read_file(path), path)
-        except (tomllib.TOMLDecodeError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # TOMLDecodeError, UnicodeDecodeError: ValueErrors
             what = "not valid TOML" if isinstance(exc, ValueError) else "cannot read the file"
             raise ConfigError(f"{path}: {what}: {exc}") from None
         _REQUEST.get().layers.insert(1, (data, path))
         return data
-
-    def __call__(self) -> dict[str, Any]:
-        return self.toml_data  # as read: InitSettingsSource would match names case-insensitively
 
 
 class _Environment(pydantic_settings.EnvSettingsSource):
@@ -520,9 +502,8 @@ class _Environment(pydantic_settings.EnvSettingsSource):
         return {name.lower(): value for name, value in _REQUEST.get().environ.items()}
 
     def __call__(self) -> dict[str, Any]:
-        request, defaults = _REQUEST.get(), Settings.model_construct().model_dump()
-        names = ("__".join(map(str, key)).upper() for key, _ in _flatten(defaults))
-        valid = [ENV_CONFIG, *(ENV_PREFIX + name for name in names)]
+        request, keys = _REQUEST.get(), _flatten(Settings.model_construct().model_dump())
+        valid = [ENV_CONFIG, *(ENV_PREFIX + "__".join(map(str, k)).upper() for k, _ in keys)]
         for name in sorted(set(request.environ) - set(valid)):
             parts = name[len(ENV_PREFIX) :].lower().split("__")
             what = f"no such setting {'.'.join(parts)}"
@@ -550,9 +531,6 @@ def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"command-line override {'.'.join(dotted)}: conflicts with another")
         table[last] = value
     return nested
-
-
-_REQUEST: ContextVar[_Request] = ContextVar("calcnode_settings_request")
 
 
 def load_settings(
